@@ -1,0 +1,1 @@
+"""Job configs: plain Python files with a get_config() returning a dict (no jax, no torch)."""

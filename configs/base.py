@@ -1,0 +1,48 @@
+"""Every default of a jaxface job. Job files start from get_config() and change a few keys.
+
+Field names follow arcface_torch's configs where the meaning is the same.
+This file imports neither jax nor torch: torchref reads the same configs.
+"""
+
+
+def get_config() -> dict:
+    return dict(
+        # Model.
+        network="r50",  # r18 r34 r50 r100 r180 r200, or iresnet_tiny for demos/tests
+        embedding_size=512,
+        dropout=0.0,  # before the fc layer, as arcface_torch
+        precision="fp32",  # fp32 | bf16: compute dtype of the trunk; params stay float32
+        sync_bn=False,  # False: BatchNorm statistics per device (arcface_torch); True: global
+        # Margin softmax: target logit = cos(m1 * theta + m2) - m3, then times `scale`.
+        margin_list=(1.0, 0.5, 0.0),  # ArcFace; (1.0, 0.0, 0.4) is CosFace
+        scale=64.0,
+        interclass_filtering_threshold=0.0,  # > 0 zeroes negative cosines above it
+        margin_grad="straight_through",  # straight_through (arcface_torch) | exact
+        # Optimisation.
+        optimizer="sgd",  # sgd | adamw
+        lr=0.1,
+        momentum=0.9,  # sgd only
+        weight_decay=5e-4,  # on every parameter, as arcface_torch
+        adamw_betas=(0.9, 0.999),
+        adamw_eps=1e-8,
+        grad_clip_norm=5.0,  # global norm, backbone gradients only; 0 disables
+        warmup_epoch=0,
+        lr_power=1.0,  # polynomial decay to 0 after warm-up
+        # Data.
+        rec="synthetic",  # "synthetic", or the folder holding train.rec / train.idx
+        num_classes=1000,
+        num_image=100_000,
+        batch_size=128,  # per device
+        global_batch_size=None,  # if set: split over the devices, batch_size is not used
+        synthetic_noise=0.35,  # std of the per-image noise, image values in [0, 1]
+        synthetic_jitter=4,  # max shift in pixels of each image against its identity
+        # Run.
+        num_epoch=20,
+        max_steps=None,  # stop after this many steps whatever num_epoch says
+        num_devices=None,  # None: every device of the mesh; n: the first n
+        seed=2048,
+        frequent=10,  # log every this many steps
+        progress="auto",  # auto (a live line on a terminal, plain lines otherwise) | bar | plain
+        eval_pairs=0,  # at the end, held-out same/different identity pairs to score (synthetic)
+        output="work_dirs/run",
+    )

@@ -1,0 +1,344 @@
+"""Load a config file, apply `--config.key=value` overrides, validate, derive.
+
+A config file is a Python file with `get_config()` returning a dict that starts from
+`configs/base.py`. The loaded `Config` is immutable; values that follow from it (global
+batch, step counts) are computed by `derive()` and never written back.
+
+This module imports neither jax nor torch, so torchref and compare read configs with it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from jaxface.models.names import BACKBONES
+
+PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("sgd", "adamw")
+MARGIN_GRADS = ("straight_through", "exact")
+PROGRESS_MODES = ("auto", "bar", "plain")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded or is not valid; the message names the file or key."""
+
+
+def _positive(v) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _one_of(*choices):
+    def check(v) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(map(str, choices))}"
+
+    return check
+
+
+def _unit_interval(v) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _margins(v) -> str | None:
+    if len(v) != 3:
+        return "must be three numbers (m1, m2, m3)"
+    m1, m2, m3 = v
+    if not 1.0 <= m1 <= 4.0:
+        return f"m1={m1} out of range: the multiplicative (SphereFace) margin must be in [1, 4]"
+    if not 0.0 <= m2 < math.pi / 2:
+        return f"m2={m2} out of range: the additive angular (ArcFace) margin must be in [0, pi/2)"
+    if not 0.0 <= m3 < 1.0:
+        return f"m3={m3} out of range: the additive cosine (CosFace) margin must be in [0, 1)"
+    return None
+
+
+def _betas(v) -> str | None:
+    if len(v) != 2 or not all(0 <= b < 1 for b in v):
+        return "must be two numbers in [0, 1)"
+    return None
+
+
+def _backbone(v) -> str | None:
+    return None if v in BACKBONES else f"unknown backbone; choose one of {', '.join(BACKBONES)}"
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: type  # int, float, bool, str or tuple (of floats)
+    check: Any = None  # value -> error text or None
+    optional: bool = False  # None allowed
+
+
+SCHEMA: dict[str, Field] = {
+    "network": Field(str, _backbone),
+    "embedding_size": Field(int, _positive),
+    "dropout": Field(float, _unit_interval),
+    "precision": Field(str, _one_of(*PRECISIONS)),
+    "sync_bn": Field(bool),
+    "margin_list": Field(tuple, _margins),
+    "scale": Field(float, _positive),
+    "interclass_filtering_threshold": Field(float, _unit_interval),
+    "margin_grad": Field(str, _one_of(*MARGIN_GRADS)),
+    "optimizer": Field(str, _one_of(*OPTIMIZERS)),
+    "lr": Field(float, _positive),
+    "momentum": Field(float, _unit_interval),
+    "weight_decay": Field(float, _non_negative),
+    "adamw_betas": Field(tuple, _betas),
+    "adamw_eps": Field(float, _positive),
+    "grad_clip_norm": Field(float, _non_negative),
+    "warmup_epoch": Field(float, _non_negative),
+    "lr_power": Field(float, _positive),
+    "rec": Field(str),
+    "num_classes": Field(int, _positive),
+    "num_image": Field(int, _positive),
+    "batch_size": Field(int, _positive),
+    "global_batch_size": Field(int, _positive, optional=True),
+    "synthetic_noise": Field(float, _non_negative),
+    "synthetic_jitter": Field(int, lambda v: None if 0 <= v <= 16 else "must be in [0, 16]"),
+    "num_epoch": Field(float, _positive),
+    "max_steps": Field(int, _positive, optional=True),
+    "num_devices": Field(int, _positive, optional=True),
+    "seed": Field(int, _non_negative),
+    "frequent": Field(int, _positive),
+    "progress": Field(str, _one_of(*PROGRESS_MODES)),
+    "eval_pairs": Field(int, _non_negative),
+    "output": Field(str, lambda v: None if v.strip() else "must not be empty"),
+}
+
+
+class Config(Mapping):
+    """An immutable, validated config: `cfg.lr`, `cfg["lr"]`, `dict(cfg)`."""
+
+    __slots__ = ("_values", "source")
+
+    def __init__(self, values: Mapping[str, Any], source: str = "<dict>"):
+        object.__setattr__(self, "_values", MappingProxyType(dict(values)))
+        object.__setattr__(self, "source", source)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"config has no key {key!r}") from None
+
+    def __setattr__(self, key, value):
+        raise AttributeError(f"config is immutable: cannot set {key!r}; use replace()")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Config({dict(self._values)!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self._values.items()}
+
+    def replace(self, **changes: Any) -> Config:
+        """A new validated config with some keys changed (values already typed)."""
+        return validate({**self._values, **changes}, self.source)
+
+
+def _coerce(key: str, value: Any, field: Field, where: str) -> Any:
+    """Bring a value from a config file or the command line to the field's type."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if field.optional:
+            return None
+        raise ConfigError(f"{where}: config key {key!r} must not be None")
+    kind = field.kind
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, str):
+                value = ast.literal_eval(value.replace("_", ""))
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if not isinstance(value, int):
+                raise ValueError
+            return value
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if kind is tuple:
+            if isinstance(value, str):
+                text = value.strip()
+                value = ast.literal_eval(text if text.startswith(("(", "[")) else f"({text},)")
+            if not isinstance(value, list | tuple):
+                raise ValueError
+            return tuple(float(v) for v in value)
+    except (ValueError, TypeError, SyntaxError):
+        pass
+    expected = {tuple: "a list of numbers like 1.0,0.5,0.0"}.get(kind, kind.__name__)
+    raise ConfigError(f"{where}: config key {key!r} expects {expected}, got {value!r}")
+
+
+def validate(values: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Type-check every key, reject unknown or missing ones and impossible values."""
+    unknown = sorted(set(values) - set(SCHEMA))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown config key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; known keys are listed in configs/base.py"
+        )
+    missing = sorted(set(SCHEMA) - set(values))
+    if missing:
+        raise ConfigError(
+            f"{source}: config is missing {', '.join(map(repr, missing))}; "
+            "start the config from configs.base.get_config()"
+        )
+    typed = {}
+    for key, field in SCHEMA.items():
+        value = _coerce(key, values[key], field, source)
+        if value is not None and field.check is not None:
+            problem = field.check(value)
+            if problem:
+                raise ConfigError(f"{source}: config key {key!r}={value!r} {problem}")
+        typed[key] = value
+    return Config(typed, source)
+
+
+def _load_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    # Job files import `configs.base`: make the folder above the `configs` package
+    # importable while the file runs, wherever the process was started from.
+    root = path.parent.parent if (path.parent / "__init__.py").exists() else path.parent
+    sys.path.insert(0, str(root))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_jaxface_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - any error in user code becomes one message
+        raise ConfigError(f"config file {str(path)!r} failed to load: {exc!r}") from exc
+    finally:
+        sys.path.remove(str(root))
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"config file {str(path)!r} does not define get_config()")
+    values = get_config()
+    if not isinstance(values, Mapping):
+        raise ConfigError(
+            f"config file {str(path)!r}: get_config() returned {type(values).__name__}, "
+            "expected a dict"
+        )
+    return dict(values)
+
+
+def parse_overrides(args: Sequence[str]) -> dict[str, str]:
+    """`--config.key=value` or `--config.key value` pairs to {key: text}."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--config."):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --config.KEY=VALUE")
+        body = arg[len("--config.") :]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        elif i + 1 < len(args):
+            key, value = body, args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override {arg!r} has no value")
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load a config file, apply overrides (strings from the command line, or values)."""
+    path = Path(path)
+    values = _load_file(path)
+    source = str(path)
+    for key, value in (overrides or {}).items():
+        if key not in SCHEMA:
+            raise ConfigError(
+                f"--config.{key}: unknown config key {key!r}; known keys are in configs/base.py"
+            )
+        values[key] = _coerce(key, value, SCHEMA[key], f"--config.{key}")
+    return validate(values, source)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values that follow from a config and the device count."""
+
+    num_devices: int
+    batch_per_device: int
+    global_batch: int
+    steps_per_epoch: int
+    schedule_steps: int  # the LR schedule's length: num_epoch epochs
+    run_steps: int  # steps this run takes: the schedule, cut short by max_steps
+    warmup_steps: int
+    num_classes_padded: int  # a multiple of num_devices: the class-sharded head's rows
+    num_local_classes: int
+
+
+def derive(cfg: Config, num_devices: int) -> Derived:
+    """Batch sizes, step counts and shard sizes for a run on `num_devices` devices."""
+    if cfg.global_batch_size is not None:
+        if cfg.global_batch_size % num_devices:
+            raise ConfigError(
+                f"{cfg.source}: config key 'global_batch_size'={cfg.global_batch_size} is not "
+                f"divisible by the {num_devices} devices of the mesh"
+            )
+        batch_per_device = cfg.global_batch_size // num_devices
+    else:
+        batch_per_device = cfg.batch_size
+    global_batch = batch_per_device * num_devices
+    steps_per_epoch = cfg.num_image // global_batch
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"{cfg.source}: config key 'num_image'={cfg.num_image} is smaller than one global "
+            f"batch ({batch_per_device} x {num_devices} devices = {global_batch})"
+        )
+    schedule_steps = max(1, int(steps_per_epoch * cfg.num_epoch))
+    warmup_steps = int(steps_per_epoch * cfg.warmup_epoch)
+    if warmup_steps >= schedule_steps and warmup_steps > 0:
+        raise ConfigError(
+            f"{cfg.source}: config key 'warmup_epoch'={cfg.warmup_epoch} leaves no steps after "
+            f"warm-up (num_epoch={cfg.num_epoch})"
+        )
+    run_steps = schedule_steps if cfg.max_steps is None else min(schedule_steps, cfg.max_steps)
+    num_local = -(-cfg.num_classes // num_devices)
+    return Derived(
+        num_devices=num_devices,
+        batch_per_device=batch_per_device,
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
+        schedule_steps=schedule_steps,
+        run_steps=run_steps,
+        warmup_steps=warmup_steps,
+        num_classes_padded=num_local * num_devices,
+        num_local_classes=num_local,
+    )
