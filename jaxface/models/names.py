@@ -9,7 +9,7 @@ BACKBONES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "r100": ((3, 13, 30, 3), (64, 128, 256, 512)),
     "r180": ((3, 20, 63, 3), (64, 128, 256, 512)),
     "r200": ((6, 26, 60, 6), (64, 128, 256, 512)),
-    "iresnet_tiny": ((1, 1, 1, 1), (16, 32, 64, 128)),
+    "iresnet_tiny": ((1, 1, 1, 1), (8, 16, 32, 64)),
 }
 
 IMAGE_SIZE = 112  # every IResNet here takes 112x112 RGB; four stride-2 stages leave 7x7

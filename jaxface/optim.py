@@ -1,0 +1,60 @@
+"""The optax chain and the learning-rate schedule, as arcface_torch's but stepped per update.
+
+SGD: clip the backbone's gradients to a global norm, add weight decay on every parameter
+(BatchNorm, PReLU and the class centres included), then momentum. This is torch.optim.SGD's
+order (decay is added to the gradient before the momentum buffer), so the updates match.
+AdamW: the same clipping, then decoupled weight decay as torch.optim.AdamW.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from jaxface.config import Config, Derived
+
+
+def lr_schedule(base_lr: float, warmup_steps: int, total_steps: int, power: float = 1.0):
+    """Linear warm-up from 0, then polynomial decay to 0 at `total_steps`."""
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = base_lr * step / max(warmup_steps, 1)
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        decay = base_lr * jnp.power(jnp.clip(1.0 - progress, 0.0, 1.0), power)
+        return jnp.where(step < warmup_steps, warm, decay)
+
+    return schedule
+
+
+def _backbone_only(transform: optax.GradientTransformation) -> optax.GradientTransformation:
+    # Params are {"backbone": ..., "head": ...}: a label per top-level subtree.
+    return optax.partition(
+        {"backbone": transform, "head": optax.identity()},
+        lambda params: {name: name for name in params},
+    )
+
+
+def make_optimizer(cfg: Config, derived: Derived):
+    """Returns (optax transformation, schedule)."""
+    schedule = lr_schedule(cfg.lr, derived.warmup_steps, derived.schedule_steps, cfg.lr_power)
+    clip = (
+        _backbone_only(optax.clip_by_global_norm(cfg.grad_clip_norm))
+        if cfg.grad_clip_norm > 0
+        else optax.identity()
+    )
+    if cfg.optimizer == "sgd":
+        tx = optax.chain(
+            clip,
+            optax.add_decayed_weights(cfg.weight_decay),
+            optax.sgd(schedule, momentum=cfg.momentum or None),
+        )
+    elif cfg.optimizer == "adamw":
+        b1, b2 = cfg.adamw_betas
+        tx = optax.chain(
+            clip,
+            optax.adamw(schedule, b1=b1, b2=b2, eps=cfg.adamw_eps, weight_decay=cfg.weight_decay),
+        )
+    else:
+        raise ValueError(f"config key 'optimizer'={cfg.optimizer!r} must be sgd or adamw")
+    return tx, schedule

@@ -1,0 +1,165 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxface.models import BACKBONES, get_model
+from jaxface.models.iresnet import fc_kernel_from_torch, fc_kernel_to_torch
+from jaxface.models.layers import BatchNorm, PReLU
+from jaxface.precision import Policy
+
+# arcface_torch's trainable parameter counts (features.weight is frozen, so not counted)
+# and BatchNorm running statistics (mean + var, num_batches_tracked not counted).
+PUBLISHED = {
+    "r18": (24_025_088, None),
+    "r34": (34_138_816, None),
+    "r50": (43_590_336, 38_144),
+    "r100": (65_155_648, None),
+    "r200": (118_833_408, None),
+}
+ROUNDED_M = {"r18": 24.03, "r34": 34.14, "r50": 43.59, "r100": 65.16, "r200": 118.83}
+
+
+def _abstract_variables(name, **kw):
+    model = get_model(name, **kw)
+    images = jax.ShapeDtypeStruct((2, 112, 112, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x), variables, images)
+    return variables, out
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name", [n for n in BACKBONES if n != "iresnet_tiny"])
+def test_parameter_counts_and_shapes(name):
+    variables, out = _abstract_variables(name)
+    assert out.shape == (2, 512) and out.dtype == jnp.float32
+    n_params = _count(variables["params"])
+    if name in PUBLISHED:
+        assert n_params == PUBLISHED[name][0]
+        assert round(n_params / 1e6, 2) == ROUNDED_M[name]
+        if PUBLISHED[name][1]:
+            assert _count(variables["batch_stats"]) == PUBLISHED[name][1]
+    else:  # r180 has no published count: it must sit between r100 and r200
+        assert PUBLISHED["r100"][0] < n_params < PUBLISHED["r200"][0]
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables["params"]))
+    fc = variables["params"]["fc"]["kernel"]
+    assert fc.shape == (512 * 7 * 7, 512)
+    assert "scale" not in variables["params"]["features"]  # frozen at 1, as arcface_torch
+
+
+def test_module_names_follow_torch_keys():
+    variables, _ = _abstract_variables("r50")
+    params = variables["params"]
+    assert set(params) >= {"conv1", "bn1", "prelu", "bn2", "fc", "features"}
+    block = params["layer3_13"]
+    assert set(block) == {"bn1", "conv1", "bn2", "prelu", "conv2", "bn3"}
+    assert set(params["layer1_0"]) == {
+        "bn1", "conv1", "bn2", "prelu", "conv2", "bn3", "downsample_0", "downsample_1"
+    }  # fmt: skip
+    assert params["layer2_0"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
+    assert params["layer2_0"]["conv1"]["kernel"].shape == (3, 3, 64, 128)
+    assert params["layer2_0"]["prelu"]["slope"].shape == (128,)
+    assert "layer3_14" not in params
+
+
+def test_unknown_backbone():
+    with pytest.raises(ValueError, match="unknown backbone 'r51'"):
+        get_model("r51")
+
+
+def test_wrong_image_size():
+    model = get_model("iresnet_tiny")
+    with pytest.raises(ValueError, match=r"expects images of shape \(N, 112, 112, 3\)"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 96, 96, 3))))
+
+
+def test_bf16_policy_keeps_params_and_output_float32():
+    model = get_model("iresnet_tiny", policy=Policy("bf16", jnp.bfloat16), embedding_size=32)
+    x = jnp.zeros((2, 112, 112, 3))
+    variables = model.init(jax.random.key(0), x)
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+    y, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert y.dtype == jnp.float32 and y.shape == (2, 32)
+
+
+def test_init_matches_arcface_torch():
+    model = get_model("iresnet_tiny", embedding_size=16)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 112, 112, 3)))["params"]
+    conv = np.asarray(params["layer4_0"]["conv2"]["kernel"])
+    assert abs(conv.std() - 0.1) < 0.005  # N(0, 0.1) whatever the fan-in
+    assert np.all(np.asarray(params["prelu"]["slope"]) == 0.25)
+    fc = np.asarray(params["fc"]["kernel"])
+    bound = 1 / np.sqrt(fc.shape[0])
+    assert np.abs(fc).max() <= bound and np.abs(fc).max() > 0.95 * bound
+    assert np.abs(np.asarray(params["fc"]["bias"])).max() <= bound
+
+
+def test_batchnorm_has_pytorch_statistics():
+    x = np.random.default_rng(0).normal(2.0, 3.0, (6, 4, 4, 5)).astype(np.float32)
+    bn = BatchNorm()
+    variables = bn.init(jax.random.key(0), x, train=True)
+    y, updated = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    flat = x.reshape(-1, 5)
+    mean, var = flat.mean(0), flat.var(0)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), atol=1e-5)
+    stats = updated["batch_stats"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+    y_eval = bn.apply({**variables, **updated}, x, train=False)
+    np.testing.assert_allclose(
+        y_eval, (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_batchnorm_groups_are_independent_batches():
+    x = np.random.default_rng(1).normal(size=(8, 3, 3, 4)).astype(np.float32)
+    grouped = BatchNorm(num_groups=4)
+    variables = grouped.init(jax.random.key(0), x, train=True)
+    y, upd = grouped.apply(variables, x, train=True, mutable=["batch_stats"])
+    single = BatchNorm()
+    parts = [single.apply(variables, x[2 * g : 2 * g + 2], train=True, mutable=["batch_stats"])
+             for g in range(4)]  # fmt: skip
+    np.testing.assert_allclose(y, np.concatenate([p[0] for p in parts]), atol=1e-5)
+    mean_of_stats = np.mean([p[1]["batch_stats"]["var"] for p in parts], axis=0)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], mean_of_stats, rtol=1e-6)
+
+
+def test_prelu_per_channel():
+    prelu = PReLU()
+    x = jnp.array([[-2.0, -2.0, 3.0]])
+    variables = {"params": {"slope": jnp.array([0.25, 0.5, 0.1])}}
+    np.testing.assert_allclose(prelu.apply(variables, x), [[-0.5, -1.0, 3.0]])
+
+
+def test_fc_kernel_maps_torch_nchw_flatten():
+    rng = np.random.default_rng(0)
+    c, h, w, out = 4, 7, 7, 3
+    feature_nhwc = rng.normal(size=(2, h, w, c))
+    torch_weight = rng.normal(size=(out, c * h * w))
+    torch_out = feature_nhwc.transpose(0, 3, 1, 2).reshape(2, -1) @ torch_weight.T
+    kernel = fc_kernel_from_torch(torch_weight, c, h, w)
+    np.testing.assert_allclose(feature_nhwc.reshape(2, -1) @ kernel, torch_out, rtol=1e-12)
+    np.testing.assert_array_equal(fc_kernel_to_torch(kernel, c, h, w), torch_weight)
+
+
+def test_every_parameter_gets_a_gradient():
+    model = get_model("iresnet_tiny", embedding_size=16)
+    x = jax.random.normal(jax.random.key(1), (4, 112, 112, 3))
+    variables = model.init(jax.random.key(0), x)
+
+    def loss(params):
+        y, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(y * jnp.arange(16.0))
+
+    grads = jax.grad(loss)(variables["params"])
+    flat = jax.tree_util.tree_leaves_with_path(grads)
+    dead = [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g))]
+    assert not dead
