@@ -261,7 +261,9 @@ def parse_overrides(args: Sequence[str]) -> dict[str, str]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--config."):
-            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --config.KEY=VALUE")
+            raise ConfigError(
+                f"unexpected argument {arg!r}; overrides look like --config.KEY=VALUE"
+            )
         body = arg[len("--config.") :]
         if "=" in body:
             key, value = body.split("=", 1)

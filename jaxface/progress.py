@@ -69,7 +69,9 @@ class Progress:
             width = 24
             filled = int(width * step / total)
             bar = "#" * filled + "-" * (width - filled)
-            line = f"\rstep {step}/{total} [{bar}] {100 * step / total:3.0f}%  {self._describe(rec)}"
+            line = (
+                f"\rstep {step}/{total} [{bar}] {100 * step / total:3.0f}%  {self._describe(rec)}"
+            )
             self.stream.write(line + "\x1b[K")
             self._bar_shown = True
         else:

@@ -40,7 +40,9 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
     return jax.tree_util.tree_map_with_path(spec, abstract_state)
 
 
-def make_init_fn(model: IResNet, tx: optax.GradientTransformation, num_classes: int, num_padded: int):
+def make_init_fn(
+    model: IResNet, tx: optax.GradientTransformation, num_classes: int, num_padded: int
+):
     """seed (int32 scalar) -> TrainState. Jit it with out_shardings to build it sharded."""
 
     def init(seed):
@@ -51,9 +53,7 @@ def make_init_fn(model: IResNet, tx: optax.GradientTransformation, num_classes: 
         params = {
             "backbone": variables["params"],
             "head": {
-                "centres": init_class_centres(
-                    k_head, num_classes, num_padded, model.embedding_size
-                )
+                "centres": init_class_centres(k_head, num_classes, num_padded, model.embedding_size)
             },
         }
         return TrainState(
@@ -110,7 +110,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "lr": schedule(state.step),
-            "backbone_grad_norm": optax.global_norm(grads["backbone"]),
+            "backbone_grad_norm": optax.tree.norm(grads["backbone"]),
         }
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state

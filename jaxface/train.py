@@ -26,7 +26,9 @@ def _parse_args(argv: list[str]):
         description="Train an ArcFace-family model. Any config key can be overridden with "
         "--config.KEY=VALUE (see configs/base.py for the keys).",
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)"
+    )
     return parser.parse_known_args(argv)
 
 
@@ -106,6 +108,7 @@ def train(cfg) -> dict:
     except MeshError as exc:
         raise ConfigError(f"{cfg.source}: {exc}") from None
     derived = derive(cfg, mesh.size)
+    out = _prepare_output(cfg, derived)
 
     # --- Input.
     if cfg.rec != "synthetic":
@@ -143,7 +146,6 @@ def train(cfg) -> dict:
         out_shardings=(shardings, replicated(mesh)),
     )
 
-    out = _prepare_output(cfg, derived)
     progress = Progress(cfg.progress, derived.run_steps)
     n_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
     progress.message(
@@ -183,7 +185,11 @@ def train(cfg) -> dict:
                 pending.clear()
                 for i, m in enumerate(fetched):
                     if not math.isfinite(float(m["loss"])):
-                        last = f"; the last finite loss was {history[-1]['loss']:.4f}" if history else ""
+                        last = (
+                            f"; the last finite loss was {history[-1]['loss']:.4f}"
+                            if history
+                            else ""
+                        )
                         raise TrainingError(
                             f"loss is {float(m['loss'])} at step {first_step + i} "
                             f"(lr {float(m['lr']):.6g}){last}. Stopping: lower config key 'lr', "

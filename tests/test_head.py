@@ -74,7 +74,9 @@ def test_sharded_equals_dense(name, grad_mode, num_classes):
     margin = Margin(**{**MARGINS[name].__dict__, "grad": grad_mode})
     mesh = make_mesh(8)
     emb, labels, centres = _problem(num_classes, 8)
-    loss, g_emb, g_centres = _sharded_value_and_grads(emb, labels, centres, margin, num_classes, mesh)
+    loss, g_emb, g_centres = _sharded_value_and_grads(
+        emb, labels, centres, margin, num_classes, mesh
+    )
     ref_loss, (ref_emb, ref_centres) = jax.value_and_grad(
         lambda e, w: dense_reference(e, labels, w, margin, num_classes), argnums=(0, 1)
     )(emb, centres)

@@ -70,7 +70,9 @@ class SyntheticFaces:
         return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
     def batch(self, identities, samples) -> tuple[np.ndarray, np.ndarray]:
-        images = np.stack([self.image(int(i), int(s)) for i, s in zip(identities, samples)])
+        images = np.stack(
+            [self.image(int(i), int(s)) for i, s in zip(identities, samples, strict=True)]
+        )
         return images, np.asarray(identities, np.int32)
 
 

@@ -29,9 +29,9 @@ _linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uni
 
 def _linear_bias_init(fan_in: int):
     bound = 1.0 / np.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: nn.initializers.uniform(2 * bound)(
-        key, shape, dtype
-    ) - jnp.asarray(bound, dtype)
+    return lambda key, shape, dtype=jnp.float32: (
+        nn.initializers.uniform(2 * bound)(key, shape, dtype) - jnp.asarray(bound, dtype)
+    )
 
 
 def normalize_images(images: jnp.ndarray, dtype: Any = jnp.float32) -> jnp.ndarray:
@@ -101,7 +101,9 @@ class IResNet(nn.Module):
         )(x)
         x = BatchNorm(num_groups=self.bn_groups, dtype=dtype, name="bn1")(x, train)
         x = PReLU(dtype=dtype, name="prelu")(x)
-        for stage, (blocks, width) in enumerate(zip(self.stage_blocks, self.stage_widths)):
+        for stage, (blocks, width) in enumerate(
+            zip(self.stage_blocks, self.stage_widths, strict=True)
+        ):
             for i in range(blocks):
                 first = i == 0
                 x = IBasicBlock(
@@ -126,7 +128,10 @@ class IResNet(nn.Module):
             name="fc",
         )(x)
         return BatchNorm(
-            use_scale=False, num_groups=self.bn_groups, dtype=self.policy.head_dtype, name="features"
+            use_scale=False,
+            num_groups=self.bn_groups,
+            dtype=self.policy.head_dtype,
+            name="features",
         )(x, train)
 
 

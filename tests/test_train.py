@@ -1,0 +1,105 @@
+"""End-to-end runs of the trainer on 8 virtual CPU devices with the tiny IResNet."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxface import step as step_module
+from jaxface.config import load_config
+from jaxface.train import TrainingError, main, train
+
+
+def _cfg(repo, tmp_path, **overrides):
+    base = dict(
+        num_classes=12, num_image=4000, batch_size=4, embedding_size=32, frequent=1,
+        eval_pairs=0, progress="plain", output=str(tmp_path / "run"), warmup_epoch=0,
+        lr=0.1,
+    )  # fmt: skip
+    base.update(overrides)
+    return load_config(repo / "configs/demo.py", {k: str(v) for k, v in base.items()})
+
+
+def test_short_run_learns_and_writes_logs(repo, tmp_path, capsys):
+    cfg = _cfg(repo, tmp_path, max_steps=20, eval_pairs=64)
+    summary = train(cfg)
+    state = summary["state"]
+    # The state was born sharded and stays so: centres and their momentum split by class.
+    centres = state.params["head"]["centres"]
+    assert centres.shape == (16, 32) and len(centres.sharding.device_set) == 8
+    assert centres.sharding.spec[0] == "data"
+    momentum = [
+        leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+        if "head" in jax.tree_util.keystr(path) and getattr(leaf, "ndim", 0) == 2
+    ]  # fmt: skip
+    assert momentum and all(m.sharding.spec[0] == "data" for m in momentum)
+    assert int(state.step) == 20
+
+    records = [
+        json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    ]
+    steps = [r for r in records if "step" in r]
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    losses = [r["loss"] for r in steps]
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
+    assert summary["heldout"]["same_identity_cos"] > summary["heldout"]["different_identity_cos"]
+    resolved = json.loads((tmp_path / "run/config.json").read_text())
+    assert resolved["config"]["num_classes"] == 12 and resolved["derived"]["global_batch"] == 32
+    out = capsys.readouterr().out
+    assert "step 20/20" in out and "samples/s" in out and "ETA" in out
+
+
+def test_eight_devices_with_sync_bn_equal_one_device(repo, tmp_path):
+    """Sharded training (class-sharded head, data-parallel backbone) equals one device."""
+    states = {}
+    for n in (1, 8):
+        cfg = _cfg(repo, tmp_path / str(n), max_steps=2, num_devices=n, sync_bn=True,
+                   global_batch_size=32)  # fmt: skip
+        states[n] = jax.device_get(train(cfg)["state"])
+    one, eight = states[1], states[8]
+    # The head is padded to a multiple of the device count: compare the real classes.
+    for state in (one, eight):
+        state.params["head"]["centres"] = state.params["head"]["centres"][:12]
+    flat_one = jax.tree_util.tree_leaves_with_path(one.params)
+    flat_eight = jax.tree.leaves(eight.params)
+    for (path, a), b in zip(flat_one, flat_eight, strict=True):
+        # Leaves whose true gradient is zero (biases ahead of a BatchNorm) hold only rounding
+        # noise near 1e-10: hence the 1e-8 floor.
+        atol = 1e-5 * np.abs(a).max() + 1e-8
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=atol, err_msg=str(path))
+    for a, b in zip(
+        jax.tree.leaves(one.batch_stats), jax.tree.leaves(eight.batch_stats), strict=True
+    ):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_loss_stops_the_run(repo, tmp_path, monkeypatch, capsys):
+    real = step_module.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step_fn = real(*args, **kwargs)
+
+        def wrapped(state, images, labels):
+            new_state, metrics = step_fn(state, images, labels)
+            bad = jax.numpy.where(state.step >= 2, jax.numpy.nan, metrics["loss"])
+            return new_state, {**metrics, "loss": bad}
+
+        return wrapped
+
+    monkeypatch.setattr(step_module, "make_train_step", poisoned)
+    cfg = _cfg(repo, tmp_path, max_steps=8, frequent=4)
+    monkeypatch.chdir(repo)
+    argv = ["--config", "configs/demo.py"]
+    argv += [f"--config.{key}={value}" for key, value in cfg.to_dict().items()]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "jaxface.train: error: loss is nan at step 3 (lr 0.0984). Stopping" in err
+
+
+def test_unwritable_output(repo, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cfg = _cfg(repo, tmp_path, max_steps=1, output=str(blocker / "run"))
+    with pytest.raises(TrainingError, match="'output'=.* cannot be written"):
+        train(cfg)
