@@ -79,15 +79,17 @@ def test_wrong_image_size():
 def test_bf16_policy_keeps_params_and_output_float32():
     model = get_model("iresnet_tiny", policy=Policy("bf16", jnp.bfloat16), embedding_size=32)
     x = jnp.zeros((2, 112, 112, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
-    y, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    y, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, x
+    )
     assert y.dtype == jnp.float32 and y.shape == (2, 32)
 
 
 def test_init_matches_arcface_torch():
     model = get_model("iresnet_tiny", embedding_size=16)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 112, 112, 3)))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 112, 112, 3)))["params"]
     conv = np.asarray(params["layer4_0"]["conv2"]["kernel"])
     assert abs(conv.std() - 0.1) < 0.005  # N(0, 0.1) whatever the fan-in
     assert np.all(np.asarray(params["prelu"]["slope"]) == 0.25)
@@ -148,7 +150,7 @@ def test_fc_kernel_maps_torch_nchw_flatten():
 def test_every_parameter_gets_a_gradient():
     model = get_model("iresnet_tiny", embedding_size=16)
     x = jax.random.normal(jax.random.key(1), (4, 112, 112, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
 
     def loss(params):
         y, _ = model.apply(
@@ -159,7 +161,7 @@ def test_every_parameter_gets_a_gradient():
         )
         return jnp.sum(y * jnp.arange(16.0))
 
-    grads = jax.grad(loss)(variables["params"])
+    grads = jax.jit(jax.grad(loss))(variables["params"])
     flat = jax.tree_util.tree_leaves_with_path(grads)
     dead = [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g))]
     assert not dead
