@@ -43,6 +43,14 @@ def get_config() -> dict:
         seed=2048,
         frequent=10,  # log every this many steps
         progress="auto",  # auto (a live line on a terminal, plain lines otherwise) | bar | plain
-        eval_pairs=0,  # at the end, held-out same/different identity pairs to score (synthetic)
         output="work_dirs/run",
+        # Checkpoints and evaluation.
+        resume=False,  # continue from the latest checkpoint in output/checkpoints
+        checkpoint_every=2000,  # steps; checkpoints are also written at each epoch end
+        keep_checkpoints=3,
+        # Verification sets: a path to a .bin, a name looked up as <rec>/<name>.bin (lfw,
+        # cfp_fp, agedb_30 as arcface_torch), or "synthetic" (held-out synthetic identities).
+        val_targets=(),
+        verbose=2000,  # evaluate on val_targets every this many steps, and at the end
+        tensorboard=True,  # events in output/tensorboard besides metrics.jsonl
     )

@@ -23,6 +23,8 @@ def get_config() -> dict:
         num_image=300 * 40,
         num_epoch=1,
         frequent=10,
-        eval_pairs=600,
+        val_targets=("synthetic",),
+        verbose=100,
+        checkpoint_every=100,
         output="work_dirs/demo",
     )

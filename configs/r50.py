@@ -16,5 +16,6 @@ def get_config() -> dict:
         num_image=12_720_066,
         num_epoch=20,
         warmup_epoch=0,
+        val_targets=("lfw", "cfp_fp", "agedb_30"),
         output="work_dirs/wf12m_r50",
     )

@@ -75,7 +75,7 @@ def _backbone(v) -> str | None:
 
 @dataclass(frozen=True)
 class Field:
-    kind: type  # int, float, bool, str or tuple (of floats)
+    kind: type  # int, float, bool, str, tuple (of floats) or list (of strings, kept as a tuple)
     check: Any = None  # value -> error text or None
     optional: bool = False  # None allowed
 
@@ -112,7 +112,12 @@ SCHEMA: dict[str, Field] = {
     "seed": Field(int, _non_negative),
     "frequent": Field(int, _positive),
     "progress": Field(str, _one_of(*PROGRESS_MODES)),
-    "eval_pairs": Field(int, _non_negative),
+    "resume": Field(bool),
+    "checkpoint_every": Field(int, _non_negative),
+    "keep_checkpoints": Field(int, _positive),
+    "val_targets": Field(list),
+    "verbose": Field(int, _positive),
+    "tensorboard": Field(bool),
     "output": Field(str, lambda v: None if v.strip() else "must not be empty"),
 }
 
@@ -189,6 +194,16 @@ def _coerce(key: str, value: Any, field: Field, where: str) -> Any:
             if not isinstance(value, str):
                 raise ValueError
             return value
+        if kind is list:
+            if isinstance(value, str):
+                text = value.strip()
+                if text.startswith(("(", "[")):
+                    value = ast.literal_eval(text)
+                else:
+                    value = [v.strip() for v in text.split(",") if v.strip()]
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return tuple(value)
         if kind is tuple:
             if isinstance(value, str):
                 text = value.strip()
@@ -198,7 +213,10 @@ def _coerce(key: str, value: Any, field: Field, where: str) -> Any:
             return tuple(float(v) for v in value)
     except (ValueError, TypeError, SyntaxError):
         pass
-    expected = {tuple: "a list of numbers like 1.0,0.5,0.0"}.get(kind, kind.__name__)
+    expected = {
+        tuple: "a list of numbers like 1.0,0.5,0.0",
+        list: "a list of names like lfw,cfp_fp",
+    }.get(kind, kind.__name__)
     raise ConfigError(f"{where}: config key {key!r} expects {expected}, got {value!r}")
 
 

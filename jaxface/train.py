@@ -1,7 +1,8 @@
 """python -m jaxface.train --config configs/r50.py [--config.KEY=VALUE ...]
 
-Sections: config, mesh, input, model, state (born sharded), step, loop, held-out check.
-Exit status: 0 done, 1 non-finite loss, 2 bad config or arguments.
+Sections: config, mesh, output, input, model, state (born sharded or restored), step,
+evaluation, loop. Exit status: 0 done, 1 the run failed (non-finite loss, a checkpoint
+that cannot be used), 2 bad config or arguments.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/demo.py"
+SYNTHETIC_VAL_PAIRS = 600
 
 
 class TrainingError(RuntimeError):
@@ -37,53 +39,40 @@ def _prepare_output(cfg, derived) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {"config": cfg.to_dict(), "source": cfg.source, "derived": vars(derived)}
-        (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-        (out / "metrics.jsonl").write_text("")
+        name = (
+            "config.json"
+            if not cfg.resume
+            else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        )
+        (out / name).write_text(json.dumps(resolved, indent=2) + "\n")
     except OSError as exc:
         raise TrainingError(f"config key 'output'={cfg.output!r} cannot be written: {exc}") from exc
     return out
 
 
-def _heldout_check(cfg, mesh, model, state, stream, progress) -> dict:
-    """Score held-out same/different identity pairs by cosine similarity."""
-    import jax
-    import numpy as np
+def _val_paths(cfg, out: Path, stream) -> list[Path]:
+    """Resolve val_targets to .bin files; the synthetic set is written on first use."""
+    from jaxface.config import ConfigError
+    from jaxface.data.synthetic import write_synthetic_bin
 
-    from jaxface.mesh import batch_sharding
-    from jaxface.step import make_embed_fn
-
-    embed = jax.jit(make_embed_fn(model))
-    images_a, images_b, same = stream.heldout_pairs(cfg.eval_pairs)
-    images = np.concatenate([images_a, images_b])
-    chunk = stream.global_batch
-    pad = -len(images) % chunk
-    images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-    sharding = batch_sharding(mesh)
-    params, stats = state.params["backbone"], state.batch_stats
-    embeddings = np.concatenate(
-        [
-            np.asarray(embed(params, stats, jax.device_put(images[i : i + chunk], sharding)))
-            for i in range(0, len(images), chunk)
-        ]
-    )[: 2 * len(same)]
-    emb = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    n = len(same)
-    sims = np.sum(emb[:n] * emb[n:], axis=1)
-    thresholds = np.unique(sims)
-    accuracy = max(np.mean((sims >= t) == same) for t in thresholds)
-    result = {
-        "event": "heldout",
-        "pairs": int(n),
-        "same_identity_cos": float(sims[same].mean()),
-        "different_identity_cos": float(sims[~same].mean()),
-        "best_threshold_accuracy": float(accuracy),
-    }
-    progress.message(
-        f"held-out pairs ({n}, images never trained on): mean cosine same identity "
-        f"{result['same_identity_cos']:.3f}, different {result['different_identity_cos']:.3f}; "
-        f"accuracy at the best threshold {100 * accuracy:.1f}% (chance 50%)"
-    )
-    return result
+    paths = []
+    for target in cfg.val_targets:
+        if target == "synthetic":
+            if cfg.rec != "synthetic":
+                raise ConfigError(f"{cfg.source}: val target 'synthetic' needs rec='synthetic'")
+            path = out / "synthetic.bin"
+            if not path.exists():
+                write_synthetic_bin(path, stream, SYNTHETIC_VAL_PAIRS)
+        elif target.endswith(".bin"):
+            path = Path(target)
+        else:
+            path = Path(cfg.rec) / f"{target}.bin"
+        if not path.is_file():
+            raise ConfigError(
+                f"{cfg.source}: config key 'val_targets': {target!r} -> {path} does not exist"
+            )
+        paths.append(path)
+    return paths
 
 
 def train(cfg) -> dict:
@@ -91,8 +80,11 @@ def train(cfg) -> dict:
     import jax
     import numpy as np
 
+    from jaxface.checkpoint import CheckpointError, Checkpointer, set_aside
     from jaxface.config import ConfigError, derive
     from jaxface.data import SyntheticFaces, SyntheticStream
+    from jaxface.data.verification import VerificationSetError
+    from jaxface.export import export_backbone
     from jaxface.feed import DeviceFeed
     from jaxface.heads import margin_from_config
     from jaxface.mesh import MeshError, batch_sharding, make_mesh, replicated
@@ -100,7 +92,9 @@ def train(cfg) -> dict:
     from jaxface.optim import make_optimizer
     from jaxface.precision import policy_from_config
     from jaxface.progress import Meter, Progress, format_duration
-    from jaxface.step import make_init_fn, make_train_step, state_shardings
+    from jaxface.runlog import RunLog
+    from jaxface.step import make_embed_fn, make_init_fn, make_train_step, state_shardings
+    from jaxface.verify import Verifier, format_result
 
     # --- Mesh: 1-D over every device; backbone data-parallel, class centres split.
     try:
@@ -108,6 +102,7 @@ def train(cfg) -> dict:
     except MeshError as exc:
         raise ConfigError(f"{cfg.source}: {exc}") from None
     derived = derive(cfg, mesh.size)
+    is_main = jax.process_index() == 0
     out = _prepare_output(cfg, derived)
 
     # --- Input.
@@ -121,6 +116,10 @@ def train(cfg) -> dict:
     stream = SyntheticStream(faces, cfg.num_image, derived.global_batch, cfg.seed)
     rows = derived.global_batch // jax.process_count()
     row_start = jax.process_index() * rows
+    try:
+        val_paths = _val_paths(cfg, out, stream)
+    except VerificationSetError as exc:
+        raise TrainingError(str(exc)) from None
 
     # --- Model, head, optimizer.
     policy = policy_from_config(cfg)
@@ -134,10 +133,35 @@ def train(cfg) -> dict:
     tx, schedule = make_optimizer(cfg, derived)
     margin = margin_from_config(cfg)
 
-    # --- State, born sharded: shapes first, then a jitted init that lands each leaf in place.
+    # --- State: born sharded (shapes first, then a jitted init that lands each leaf in
+    # place), or restored from the latest checkpoint straight into the same shardings.
     init = make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded)
-    shardings = state_shardings(jax.eval_shape(init, 0), mesh)
-    state = jax.jit(init, out_shardings=shardings)(cfg.seed)
+    abstract = jax.eval_shape(init, 0)
+    shardings = state_shardings(abstract, mesh)
+    progress = Progress(cfg.progress, derived.run_steps)
+    checkpoint_dir = out / "checkpoints"
+    if cfg.resume:
+        checkpointer = Checkpointer(checkpoint_dir, cfg.keep_checkpoints)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        try:
+            state, meta = checkpointer.restore(target, cfg.to_dict())
+        except CheckpointError as exc:
+            checkpointer.close()
+            raise TrainingError(str(exc)) from None
+        start_step = int(jax.device_get(state.step))
+        progress.message(
+            f"resumed from {checkpointer.directory / str(start_step)} (step {start_step}, saved "
+            f"on {meta.get('num_devices', '?')} device(s), now {mesh.size})"
+        )
+    else:
+        moved = set_aside(checkpoint_dir) if is_main else None
+        if moved:
+            progress.message(f"earlier checkpoints of {out} moved to {moved} (resume=false)")
+        checkpointer = Checkpointer(checkpoint_dir, cfg.keep_checkpoints)
+        state = jax.jit(init, out_shardings=shardings)(cfg.seed)
+        start_step = 0
 
     # --- Step: donated state, explicit output shardings.
     step_fn = jax.jit(
@@ -145,97 +169,141 @@ def train(cfg) -> dict:
         donate_argnums=0,
         out_shardings=(shardings, replicated(mesh)),
     )
+    embed_fn = jax.jit(make_embed_fn(model))
+    verifier = Verifier(val_paths, mesh, embed_fn, derived.global_batch) if val_paths else None
+    log = RunLog(out, cfg.tensorboard and is_main, append=cfg.resume)
 
-    progress = Progress(cfg.progress, derived.run_steps)
     n_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
     progress.message(
         f"jaxface: {cfg.network} ({n_params:,} backbone params), {cfg.num_classes:,} classes "
         f"over {mesh.size} {mesh.devices.flat[0].platform} device(s) "
         f"({derived.num_local_classes:,} each), global batch {derived.global_batch}, "
-        f"{cfg.precision}, {derived.run_steps:,} steps -> {out}"
+        f"{cfg.precision}, steps {start_step + 1}-{derived.run_steps} -> {out}"
     )
+
+    def checkpoint(step: int) -> None:
+        meta = {
+            "config": cfg.to_dict(),
+            "step": step,
+            "epoch": step / derived.steps_per_epoch,
+            # The input stream is a pure function of the step: this is the data position.
+            "data_position": {"next_step": step},
+            "num_devices": mesh.size,
+            "num_classes_padded": derived.num_classes_padded,
+        }
+        checkpointer.save(step, state, meta)
+
+    def evaluate(step: int) -> list[dict]:
+        results = verifier.run(state.params["backbone"], state.batch_stats)
+        records = []
+        for name, (result, best) in results.items():
+            progress.message(format_result(name, step, result, best))
+            record = {
+                "step": step,
+                "event": "val",
+                "target": name,
+                **result.as_dict(),
+                "best": best,
+            }
+            log.write(record, prefix=f"val/{name}")
+            records.append(record)
+        return records
 
     # --- Loop. Metrics stay on the device until a log step fetches them all at once.
     feed = DeviceFeed(
         lambda step: stream.batch(step, row_start, row_start + rows),
         batch_sharding(mesh),
-        start=0,
+        start=start_step,
         stop=derived.run_steps,
     )
     meter = Meter(derived.run_steps, derived.global_batch)
     pending: list = []
     history: list[dict] = []
-    first_loss = None
+    val_records: list[dict] = []
     t_start = time.perf_counter()
+    step = start_step
     try:
-        with (out / "metrics.jsonl").open("a") as log:
-            for step, (images, labels) in enumerate(feed, start=1):
-                state, metrics = step_fn(state, images, labels)
-                pending.append(metrics)
-                if step == 1:
-                    jax.block_until_ready(metrics)
-                    meter.start(1)
-                    progress.message(
-                        f"step 1 compiled and ran in {time.perf_counter() - t_start:.1f} s"
-                    )
-                if step % cfg.frequent and step != derived.run_steps:
-                    continue
-                fetched = jax.device_get(pending)
-                first_step = step - len(pending) + 1
+        for step, (images, labels) in enumerate(feed, start=start_step + 1):
+            state, metrics = step_fn(state, images, labels)
+            pending.append(metrics)
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)
+                meter.start(step)
+                progress.message(
+                    f"step {step} compiled and ran in {time.perf_counter() - t_start:.1f} s"
+                )
+            last = step == derived.run_steps
+            epoch_end = step % derived.steps_per_epoch == 0
+            if step % cfg.frequent == 0 or last:
+                history.append(_log_window(step, pending, derived, meter, history))
                 pending.clear()
-                for i, m in enumerate(fetched):
-                    if not math.isfinite(float(m["loss"])):
-                        last = (
-                            f"; the last finite loss was {history[-1]['loss']:.4f}"
-                            if history
-                            else ""
-                        )
-                        raise TrainingError(
-                            f"loss is {float(m['loss'])} at step {first_step + i} "
-                            f"(lr {float(m['lr']):.6g}){last}. Stopping: lower config key 'lr', "
-                            "or check the data"
-                        )
-                if first_loss is None:
-                    first_loss = float(fetched[0]["loss"])
-                last_metrics = fetched[-1]
-                record = {
-                    "step": step,
-                    "epoch": (step - 1) // derived.steps_per_epoch,
-                    "loss": float(np.mean([float(m["loss"]) for m in fetched])),
-                    "lr": float(last_metrics["lr"]),
-                    "backbone_grad_norm": float(last_metrics["backbone_grad_norm"]),
-                    **meter.window(step),
-                }
-                history.append(record)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                progress.update(record)
+                log.write(history[-1])
+                progress.update(history[-1])
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or epoch_end or last:
+                checkpoint(step)
+            if (epoch_end or last) and is_main:
+                export_backbone(out, state.params["backbone"], state.batch_stats, cfg)
+            if verifier is not None and (step % cfg.verbose == 0 or last):
+                val_records += evaluate(step)
     except KeyboardInterrupt:
-        progress.message(f"interrupted after step {int(jax.device_get(state.step))}")
+        progress.message(f"interrupted after step {step}; resume with --config.resume=true")
         raise
     finally:
         feed.close()
         progress.close()
+        checkpointer.close()
+        log.close()
 
+    if not history:
+        progress.message(
+            f"nothing to do: the checkpoint is at step {start_step} of {derived.run_steps}"
+        )
+        return {"steps": derived.run_steps, "state": state, "history": [], "val": []}
     summary = {
         "steps": derived.run_steps,
-        "first_loss": first_loss,
+        "first_loss": history[0]["loss"],
         "final_loss": history[-1]["loss"],
         "wall_s": time.perf_counter() - t_start,
     }
     rates = [r["samples_per_sec"] for r in history if r["samples_per_sec"] == r["samples_per_sec"]]
     if rates:
         summary["samples_per_sec"] = float(np.median(rates))
-    if cfg.eval_pairs:
-        summary["heldout"] = _heldout_check(cfg, mesh, model, state, stream, progress)
-    with (out / "metrics.jsonl").open("a") as log:
-        log.write(json.dumps({"event": "summary", **summary}) + "\n")
+    if val_records:
+        summary["val"] = {r["target"]: r["accuracy"] for r in val_records[-len(val_paths) :]}
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"event": "summary", **summary}) + "\n")
+    val_text = "".join(f", {k} accuracy {100 * v:.2f}%" for k, v in summary.get("val", {}).items())
     progress.message(
-        f"done: {summary['steps']} steps in {format_duration(summary['wall_s'])}, loss "
-        f"{first_loss:.3f} -> {summary['final_loss']:.3f}; logs in {out}"
+        f"done: steps {start_step + 1}-{derived.run_steps} in {format_duration(summary['wall_s'])}, "
+        f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}{val_text}; "
+        f"logs, checkpoints and backbone in {out}"
     )
-    summary["state"] = state
-    return summary
+    return {**summary, "state": state, "history": history, "val_records": val_records}
+
+
+def _log_window(step, pending, derived, meter, history) -> dict:
+    """Fetch the pending metrics (the only host sync), check them, make one log record."""
+    import jax
+    import numpy as np
+
+    fetched = jax.device_get(pending)
+    first_step = step - len(fetched) + 1
+    for i, m in enumerate(fetched):
+        if not math.isfinite(float(m["loss"])):
+            last = f"; the last finite loss was {history[-1]['loss']:.4f}" if history else ""
+            raise TrainingError(
+                f"loss is {float(m['loss'])} at step {first_step + i} "
+                f"(lr {float(m['lr']):.6g}){last}. Stopping: lower config key 'lr', "
+                "or check the data"
+            )
+    return {
+        "step": step,
+        "epoch": (step - 1) // derived.steps_per_epoch,
+        "loss": float(np.mean([float(m["loss"]) for m in fetched])),
+        "lr": float(fetched[-1]["lr"]),
+        "backbone_grad_norm": float(fetched[-1]["backbone_grad_norm"]),
+        **meter.window(step),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

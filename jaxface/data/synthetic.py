@@ -128,3 +128,13 @@ class SyntheticStream:
         images_a, _ = self.faces.batch(id_a, sample_a)
         images_b, _ = self.faces.batch(id_b, sample_a + 1)
         return images_a, images_b, same
+
+
+def write_synthetic_bin(path, stream: SyntheticStream, num_pairs: int) -> None:
+    """A verification `.bin` of held-out synthetic pairs, in InsightFace's format."""
+    from jaxface.data.verification import write_bin
+
+    images_a, images_b, same = stream.heldout_pairs(num_pairs)
+    images = np.empty((2 * num_pairs, *images_a.shape[1:]), np.uint8)
+    images[0::2], images[1::2] = images_a, images_b
+    write_bin(path, images, same)

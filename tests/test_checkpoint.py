@@ -1,0 +1,134 @@
+"""Checkpoints, exact resume (also on another device count), export, eval and plot CLIs."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxface import eval as eval_cli
+from jaxface import plot as plot_cli
+from jaxface.checkpoint import Checkpointer
+from jaxface.config import load_config
+from jaxface.export import load_backbone_npz
+from jaxface.train import TrainingError, train
+
+
+def _cfg(repo, out, **overrides):
+    base = dict(
+        num_classes=12, num_image=4000, batch_size=4, embedding_size=32, frequent=1,
+        val_targets="[]", progress="plain", output=str(out), warmup_epoch=0, lr=0.1,
+        checkpoint_every=3, tensorboard=False,
+    )  # fmt: skip
+    base.update(overrides)
+    return load_config(repo / "configs/demo.py", {k: str(v) for k, v in base.items()})
+
+
+def _losses(summary):
+    return {r["step"]: r["loss"] for r in summary["history"]}
+
+
+def test_resume_continues_exactly_and_on_fewer_devices(repo, tmp_path):
+    common = dict(sync_bn=True, global_batch_size=32)
+    full = _losses(train(_cfg(repo, tmp_path / "full", max_steps=6, **common)))
+
+    part = tmp_path / "part"
+    first = _losses(train(_cfg(repo, part, max_steps=3, **common)))
+    assert first == {s: full[s] for s in (1, 2, 3)}
+    assert sorted(os.listdir(part / "checkpoints")) == ["3"]
+    shutil.copytree(part, tmp_path / "part4")
+
+    resumed = train(_cfg(repo, part, max_steps=6, resume=True, **common))
+    assert _losses(resumed) == {s: full[s] for s in (4, 5, 6)}  # bit for bit
+    assert int(resumed["state"].step) == 6
+
+    # Saved on 8 devices (head padded to 16 rows), continued on 4 (12 rows): the head is
+    # re-sharded. Statistics over the whole batch make the two runs the same computation.
+    on_four = train(
+        _cfg(repo, tmp_path / "part4", max_steps=6, resume=True, num_devices=4, **common)
+    )
+    assert on_four["state"].params["head"]["centres"].shape == (12, 32)
+    for step, loss in _losses(on_four).items():
+        assert loss == pytest.approx(full[step], rel=1e-4)
+
+
+def test_interrupted_save_is_ignored_and_mismatches_are_refused(repo, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(repo, out, max_steps=3))
+    # What a process killed mid-save leaves behind: orbax's temporary folder, half written.
+    partial = out / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000"
+    shutil.copytree(out / "checkpoints" / "3", partial)
+    for f in partial.rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    resumed = train(_cfg(repo, out, max_steps=4, resume=True))
+    assert [r["step"] for r in resumed["history"]] == [4]
+
+    for key, value, message in [
+        ("num_classes", 13, "written for num_classes=12, but the config says num_classes=13"),
+        ("embedding_size", 16, "written for embedding_size=32"),
+        ("network", "r18", "written for network='iresnet_tiny', but the config says network='r18'"),
+    ]:
+        with pytest.raises(TrainingError, match=message):
+            train(_cfg(repo, out, max_steps=8, resume=True, **{key: value}))
+
+    with pytest.raises(TrainingError, match="holds no checkpoint; start without"):
+        train(_cfg(repo, tmp_path / "empty", max_steps=2, resume=True))
+
+
+def test_sigkill_during_training_leaves_a_usable_checkpoint(repo, tmp_path):
+    out = tmp_path / "killed"
+    args = [f"--config.{k}={v}" for k, v in _cfg(repo, out, checkpoint_every=1).to_dict().items()]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxface.train", "--config", "configs/demo.py", *args,
+         "--config.max_steps=400", "--config.num_devices=1"],
+        cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "2").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before checkpointing"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # checkpoints are written every step: likely mid-save
+    proc.wait()
+    latest = Checkpointer(out / "checkpoints", keep=3).latest_step()
+    assert latest >= 2
+    resumed = train(_cfg(repo, out, checkpoint_every=1, max_steps=latest + 2, resume=True,
+                         num_devices=1))  # fmt: skip
+    assert [r["step"] for r in resumed["history"]] == [latest + 1, latest + 2]
+
+
+def test_export_eval_plot_and_tensorboard(repo, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train(_cfg(repo, out, max_steps=4, val_targets="synthetic", verbose=4,
+                         tensorboard=True))  # fmt: skip
+    state = jax.device_get(summary["state"])
+    params, stats, info = load_backbone_npz(out / "backbone.npz")
+    assert info == {"network": "iresnet_tiny", "embedding_size": 32}
+    for a, b in zip(
+        jax.tree.leaves(params), jax.tree.leaves(state.params["backbone"]), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert len(jax.tree.leaves(stats)) == len(jax.tree.leaves(state.batch_stats))
+
+    val = summary["val_records"][-1]
+    assert eval_cli.main(["--weights", str(out), "--bin", str(out / "synthetic.bin")]) == 0
+    printed = capsys.readouterr().out
+    assert f"Accuracy-Flip {val['accuracy']:.5f}+-{val['std']:.5f}" in printed
+    assert eval_cli.main(["--weights", str(out / "checkpoints" / "4"),
+                          "--bin", str(out / "synthetic.bin")]) == 0  # fmt: skip
+    assert f"Accuracy-Flip {val['accuracy']:.5f}" in capsys.readouterr().out
+
+    assert eval_cli.main(["--weights", str(tmp_path), "--bin", "x.bin"]) == 1
+    assert "expected a jaxface run folder" in capsys.readouterr().err
+    assert eval_cli.main(["--weights", str(out), "--bin", str(tmp_path / "no.bin")]) == 1
+    assert "no.bin: cannot be read" in capsys.readouterr().err
+
+    assert plot_cli.main([str(out)]) == 0
+    png = (out / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert any(f.name.startswith("events.out.tfevents") for f in (out / "tensorboard").iterdir())
