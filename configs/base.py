@@ -11,13 +11,15 @@ def get_config() -> dict:
         network="r50",  # r18 r34 r50 r100 r180 r200, or iresnet_tiny for demos/tests
         embedding_size=512,
         dropout=0.0,  # before the fc layer, as arcface_torch
-        precision="fp32",  # fp32 | bf16: compute dtype of the trunk; params stay float32
+        precision="fp32",  # fp32 | bf16 | fp16 (with dynamic loss scaling): the trunk's dtype
+        tf32=True,  # float32 matmuls/convolutions on TF32 tensor cores (GPUs that have them)
         sync_bn=False,  # False: BatchNorm statistics per device (arcface_torch); True: global
         # Margin softmax: target logit = cos(m1 * theta + m2) - m3, then times `scale`.
         margin_list=(1.0, 0.5, 0.0),  # ArcFace; (1.0, 0.0, 0.4) is CosFace
         scale=64.0,
         interclass_filtering_threshold=0.0,  # > 0 zeroes negative cosines above it
         margin_grad="straight_through",  # straight_through (arcface_torch) | exact
+        sample_rate=1.0,  # Partial FC: fraction of each device's centres scored per step
         # Optimisation.
         optimizer="sgd",  # sgd | adamw
         lr=0.1,
@@ -34,6 +36,7 @@ def get_config() -> dict:
         num_image=100_000,
         batch_size=128,  # per device
         global_batch_size=None,  # if set: split over the devices, batch_size is not used
+        gradient_acc=1,  # micro-batches averaged into one optimizer step
         synthetic_noise=0.35,  # std of the per-image noise, image values in [0, 1]
         synthetic_jitter=4,  # max shift in pixels of each image against its identity
         # Run.

@@ -21,7 +21,7 @@ from typing import Any
 
 from jaxface.models.names import BACKBONES
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
 MARGIN_GRADS = ("straight_through", "exact")
 PROGRESS_MODES = ("auto", "bar", "plain")
@@ -85,11 +85,13 @@ SCHEMA: dict[str, Field] = {
     "embedding_size": Field(int, _positive),
     "dropout": Field(float, _unit_interval),
     "precision": Field(str, _one_of(*PRECISIONS)),
+    "tf32": Field(bool),
     "sync_bn": Field(bool),
     "margin_list": Field(tuple, _margins),
     "scale": Field(float, _positive),
     "interclass_filtering_threshold": Field(float, _unit_interval),
     "margin_grad": Field(str, _one_of(*MARGIN_GRADS)),
+    "sample_rate": Field(float, lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
     "optimizer": Field(str, _one_of(*OPTIMIZERS)),
     "lr": Field(float, _positive),
     "momentum": Field(float, _unit_interval),
@@ -104,6 +106,7 @@ SCHEMA: dict[str, Field] = {
     "num_image": Field(int, _positive),
     "batch_size": Field(int, _positive),
     "global_batch_size": Field(int, _positive, optional=True),
+    "gradient_acc": Field(int, _positive),
     "synthetic_noise": Field(float, _non_negative),
     "synthetic_jitter": Field(int, lambda v: None if 0 <= v <= 16 else "must be in [0, 16]"),
     "num_epoch": Field(float, _positive),
@@ -315,13 +318,15 @@ class Derived:
 
     num_devices: int
     batch_per_device: int
-    global_batch: int
+    global_batch: int  # one micro-batch over all devices
+    samples_per_step: int  # global_batch x gradient_acc
     steps_per_epoch: int
     schedule_steps: int  # the LR schedule's length: num_epoch epochs
     run_steps: int  # steps this run takes: the schedule, cut short by max_steps
     warmup_steps: int
     num_classes_padded: int  # a multiple of num_devices: the class-sharded head's rows
     num_local_classes: int
+    num_sample: int | None  # centres each device scores per step when sample_rate < 1
 
 
 def derive(cfg: Config, num_devices: int) -> Derived:
@@ -336,11 +341,14 @@ def derive(cfg: Config, num_devices: int) -> Derived:
     else:
         batch_per_device = cfg.batch_size
     global_batch = batch_per_device * num_devices
-    steps_per_epoch = cfg.num_image // global_batch
+    samples_per_step = global_batch * cfg.gradient_acc
+    steps_per_epoch = cfg.num_image // samples_per_step
     if steps_per_epoch < 1:
+        key = "gradient_acc" if cfg.num_image >= global_batch else "num_image"
         raise ConfigError(
-            f"{cfg.source}: config key 'num_image'={cfg.num_image} is smaller than one global "
-            f"batch ({batch_per_device} x {num_devices} devices = {global_batch})"
+            f"{cfg.source}: config key {key!r}: num_image={cfg.num_image} is smaller than one "
+            f"optimizer step ({batch_per_device} x {num_devices} devices x gradient_acc "
+            f"{cfg.gradient_acc} = {samples_per_step} images)"
         )
     schedule_steps = max(1, int(steps_per_epoch * cfg.num_epoch))
     warmup_steps = int(steps_per_epoch * cfg.warmup_epoch)
@@ -351,14 +359,28 @@ def derive(cfg: Config, num_devices: int) -> Derived:
         )
     run_steps = schedule_steps if cfg.max_steps is None else min(schedule_steps, cfg.max_steps)
     num_local = -(-cfg.num_classes // num_devices)
+    num_sample = None
+    if cfg.sample_rate < 1:
+        num_sample = int(cfg.sample_rate * num_local)
+        # Shapes are static: every positive class of a global batch must fit.
+        needed = min(global_batch, num_local)
+        if num_sample < needed:
+            raise ConfigError(
+                f"{cfg.source}: config key 'sample_rate'={cfg.sample_rate} keeps {num_sample} of "
+                f"the {num_local} centres on each device, but one global batch of {global_batch} "
+                f"can bring up to {needed} positive classes to a device; use sample_rate >= "
+                f"{needed / num_local:.4g}"
+            )
     return Derived(
         num_devices=num_devices,
         batch_per_device=batch_per_device,
         global_batch=global_batch,
+        samples_per_step=samples_per_step,
         steps_per_epoch=steps_per_epoch,
         schedule_steps=schedule_steps,
         run_steps=run_steps,
         warmup_steps=warmup_steps,
         num_classes_padded=num_local * num_devices,
         num_local_classes=num_local,
+        num_sample=num_sample,
     )

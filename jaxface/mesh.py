@@ -32,6 +32,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[k micro-batches, batch, ...]: the batch axis split over the devices."""
+    return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
 def class_sharding(mesh: Mesh) -> NamedSharding:
     """Rows (classes) of the centre matrix split over the devices."""
     return NamedSharding(mesh, P(DATA_AXIS, None))

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from jaxface.heads import Margin, init_class_centres, partial_fc_loss
 from jaxface.mesh import DATA_AXIS
 from jaxface.models import IMAGE_SIZE, IResNet, normalize_images
+from jaxface.precision import LossScale, all_finite
 
 
 @flax.struct.dataclass
@@ -22,7 +23,8 @@ class TrainState:
     params: Any  # {"backbone": Flax params, "head": {"centres": [num_padded, E]}}
     batch_stats: Any  # BatchNorm running statistics
     opt_state: Any
-    rng: jax.Array  # uint32 key data, for dropout
+    rng: jax.Array  # uint32 key data: dropout and class sampling
+    loss_scale: LossScale  # fp16's dynamic loss scale (1 and unused otherwise)
 
 
 def _is_head(path) -> bool:
@@ -62,6 +64,7 @@ def make_init_fn(
             batch_stats=variables["batch_stats"],
             opt_state=tx.init(params),
             rng=jax.random.key_data(k_rng),
+            loss_scale=LossScale.create(model.policy.loss_scaling),
         )
 
     return init
@@ -74,22 +77,34 @@ def make_train_step(
     margin: Margin,
     num_classes: int,
     mesh: Mesh,
+    *,
+    num_sample: int | None = None,
+    grad_accum: int = 1,
+    freeze_bn: bool = False,
 ):
-    """(state, uint8 images [B,112,112,3], int32 labels [B]) -> (state, metrics).
+    """(state, uint8 images, int32 labels) -> (state, metrics).
 
-    The batch is the global batch, sharded over the mesh; metrics stay on the device.
+    Images are [B, 112, 112, 3] and labels [B] for the global batch B, sharded over the mesh;
+    with `grad_accum` k > 1 they are [k, B, ...]: k micro-batches whose gradients are
+    averaged into one optimizer step (arcface_torch sums them, a known bug). `num_sample`
+    turns on Partial FC sampling. `freeze_bn` runs BatchNorm on its running statistics.
+    Metrics stay on the device.
     """
-    compute_dtype = model.policy.compute_dtype
+    policy = model.policy
+    head_precision = policy.matmul_precision
 
-    def loss_fn(params, batch_stats, images, labels, dropout_key):
-        x = normalize_images(images, compute_dtype)
-        embeddings, updates = model.apply(
-            {"params": params["backbone"], "batch_stats": batch_stats},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": dropout_key},
-        )
+    def loss_fn(params, batch_stats, images, labels, key, scale):
+        dropout_key, sample_key = jax.random.split(key)
+        x = normalize_images(images, policy.compute_dtype)
+        variables = {"params": params["backbone"], "batch_stats": batch_stats}
+        if freeze_bn:
+            embeddings = model.apply(variables, x, train=False)
+            new_stats = batch_stats
+        else:
+            embeddings, updates = model.apply(
+                variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key}
+            )
+            new_stats = updates["batch_stats"]
         loss = partial_fc_loss(
             embeddings,
             labels,
@@ -97,23 +112,66 @@ def make_train_step(
             margin=margin,
             num_classes=num_classes,
             mesh=mesh,
+            precision=head_precision,
+            num_sample=num_sample,
+            key=sample_key,
         )
-        return loss, updates["batch_stats"]
+        # fp16: the backward pass runs on the scaled loss so that small gradients survive.
+        return loss * scale, (loss, new_stats)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, images, labels):
-        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, images, labels, dropout_key
-        )
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        scale = state.loss_scale.scale
+        if grad_accum == 1:
+            (_, (loss, batch_stats)), grads = grad_fn(
+                state.params, state.batch_stats, images, labels, step_key, scale
+            )
+        else:
+
+            def micro_step(carry, inputs):
+                grad_sum, stats, loss_sum, i = carry
+                (_, (loss, stats)), grads = grad_fn(
+                    state.params, stats, *inputs, jax.random.fold_in(step_key, i), scale
+                )
+                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+                return (grad_sum, stats, loss_sum + loss, i + 1), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            carry = (zeros, state.batch_stats, jnp.zeros((), jnp.float32), 0)
+            # Unrolled: XLA:CPU runs convolutions inside a loop body far slower; k is small.
+            (grad_sum, batch_stats, loss_sum, _), _ = jax.lax.scan(
+                micro_step, carry, (images, labels), unroll=True
+            )
+            grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
+            loss = loss_sum / grad_accum
+        grads = jax.tree.map(lambda g: g / scale, grads)
+        finite = all_finite(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if policy.loss_scaling:
+            # Overflow: keep the parameters and optimizer state (GradScaler skips the step);
+            # BatchNorm statistics were updated by the forward pass, as in PyTorch.
+            params = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), params, state.params
+            )
+            opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), opt_state, state.opt_state
+            )
         metrics = {
             "loss": loss,
             "lr": schedule(state.step),
             "backbone_grad_norm": optax.tree.norm(grads["backbone"]),
+            "loss_scale": scale,
+            "grads_finite": finite,
         }
         new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            loss_scale=state.loss_scale.update(finite) if policy.loss_scaling else state.loss_scale,
         )
         return new_state, metrics
 

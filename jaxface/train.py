@@ -80,14 +80,20 @@ def train(cfg) -> dict:
     import jax
     import numpy as np
 
-    from jaxface.checkpoint import CheckpointError, Checkpointer, set_aside
+    from jaxface.checkpoint import Checkpointer, CheckpointError, set_aside
     from jaxface.config import ConfigError, derive
     from jaxface.data import SyntheticFaces, SyntheticStream
     from jaxface.data.verification import VerificationSetError
     from jaxface.export import export_backbone
     from jaxface.feed import DeviceFeed
     from jaxface.heads import margin_from_config
-    from jaxface.mesh import MeshError, batch_sharding, make_mesh, replicated
+    from jaxface.mesh import (
+        MeshError,
+        batch_sharding,
+        make_mesh,
+        micro_batch_sharding,
+        replicated,
+    )
     from jaxface.models import get_model
     from jaxface.optim import make_optimizer
     from jaxface.precision import policy_from_config
@@ -165,7 +171,16 @@ def train(cfg) -> dict:
 
     # --- Step: donated state, explicit output shardings.
     step_fn = jax.jit(
-        make_train_step(model, tx, schedule, margin, cfg.num_classes, mesh),
+        make_train_step(
+            model,
+            tx,
+            schedule,
+            margin,
+            cfg.num_classes,
+            mesh,
+            num_sample=derived.num_sample,
+            grad_accum=cfg.gradient_acc,
+        ),
         donate_argnums=0,
         out_shardings=(shardings, replicated(mesh)),
     )
@@ -211,8 +226,8 @@ def train(cfg) -> dict:
 
     # --- Loop. Metrics stay on the device until a log step fetches them all at once.
     feed = DeviceFeed(
-        lambda step: stream.batch(step, row_start, row_start + rows),
-        batch_sharding(mesh),
+        lambda step: _step_batch(stream, step, cfg.gradient_acc, row_start, rows),
+        batch_sharding(mesh) if cfg.gradient_acc == 1 else micro_batch_sharding(mesh),
         start=start_step,
         stop=derived.run_steps,
     )
@@ -235,7 +250,9 @@ def train(cfg) -> dict:
             last = step == derived.run_steps
             epoch_end = step % derived.steps_per_epoch == 0
             if step % cfg.frequent == 0 or last:
-                history.append(_log_window(step, pending, derived, meter, history))
+                history.append(
+                    _log_window(step, pending, derived, meter, history, policy.loss_scaling)
+                )
                 pending.clear()
                 log.write(history[-1])
                 progress.update(history[-1])
@@ -273,33 +290,53 @@ def train(cfg) -> dict:
     with (out / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"event": "summary", **summary}) + "\n")
     val_text = "".join(f", {k} accuracy {100 * v:.2f}%" for k, v in summary.get("val", {}).items())
+    took = format_duration(summary["wall_s"])
     progress.message(
-        f"done: steps {start_step + 1}-{derived.run_steps} in {format_duration(summary['wall_s'])}, "
+        f"done: steps {start_step + 1}-{derived.run_steps} in {took}, "
         f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}{val_text}; "
         f"logs, checkpoints and backbone in {out}"
     )
     return {**summary, "state": state, "history": history, "val_records": val_records}
 
 
-def _log_window(step, pending, derived, meter, history) -> dict:
-    """Fetch the pending metrics (the only host sync), check them, make one log record."""
+def _step_batch(stream, step: int, grad_accum: int, row_start: int, rows: int):
+    """This process's rows of optimizer step `step`: one batch, or [k, rows, ...] for k > 1."""
+    import numpy as np
+
+    if grad_accum == 1:
+        return stream.batch(step, row_start, row_start + rows)
+    micro = [
+        stream.batch(step * grad_accum + i, row_start, row_start + rows) for i in range(grad_accum)
+    ]
+    return tuple(np.stack(parts) for parts in zip(*micro, strict=True))
+
+
+def _log_window(step, pending, derived, meter, history, loss_scaling=False) -> dict:
+    """Fetch the pending metrics (the only host sync), check them, make one log record.
+
+    Under fp16 loss scaling a non-finite step is skipped and the scale halved (GradScaler);
+    the run stops only when the scale has collapsed below 1, i.e. real divergence."""
     import jax
     import numpy as np
 
     fetched = jax.device_get(pending)
     first_step = step - len(fetched) + 1
     for i, m in enumerate(fetched):
-        if not math.isfinite(float(m["loss"])):
+        tolerated = loss_scaling and float(m["loss_scale"]) >= 1.0
+        if not math.isfinite(float(m["loss"])) and not tolerated:
             last = f"; the last finite loss was {history[-1]['loss']:.4f}" if history else ""
             raise TrainingError(
                 f"loss is {float(m['loss'])} at step {first_step + i} "
                 f"(lr {float(m['lr']):.6g}){last}. Stopping: lower config key 'lr', "
                 "or check the data"
             )
+    finite = [float(m["loss"]) for m in fetched if math.isfinite(float(m["loss"]))]
     return {
         "step": step,
         "epoch": (step - 1) // derived.steps_per_epoch,
-        "loss": float(np.mean([float(m["loss"]) for m in fetched])),
+        "loss": float(np.mean(finite)) if finite else float("nan"),
+        "skipped_steps": sum(not bool(m["grads_finite"]) for m in fetched),
+        "loss_scale": float(fetched[-1]["loss_scale"]),
         "lr": float(fetched[-1]["lr"]),
         "backbone_grad_norm": float(fetched[-1]["backbone_grad_norm"]),
         **meter.window(step),

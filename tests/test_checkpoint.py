@@ -102,9 +102,9 @@ def test_sigkill_during_training_leaves_a_usable_checkpoint(repo, tmp_path):
     assert [r["step"] for r in resumed["history"]] == [latest + 1, latest + 2]
 
 
-def test_export_eval_plot_and_tensorboard(repo, tmp_path, capsys):
+def test_export_eval_plot_and_tensorboard(repo, tmp_path, capsys, small_val_bin):
     out = tmp_path / "run"
-    summary = train(_cfg(repo, out, max_steps=4, val_targets="synthetic", verbose=4,
+    summary = train(_cfg(repo, out, max_steps=4, val_targets=str(small_val_bin), verbose=4,
                          tensorboard=True))  # fmt: skip
     state = jax.device_get(summary["state"])
     params, stats, info = load_backbone_npz(out / "backbone.npz")
@@ -116,11 +116,11 @@ def test_export_eval_plot_and_tensorboard(repo, tmp_path, capsys):
     assert len(jax.tree.leaves(stats)) == len(jax.tree.leaves(state.batch_stats))
 
     val = summary["val_records"][-1]
-    assert eval_cli.main(["--weights", str(out), "--bin", str(out / "synthetic.bin")]) == 0
+    assert eval_cli.main(["--weights", str(out), "--bin", str(small_val_bin)]) == 0
     printed = capsys.readouterr().out
     assert f"Accuracy-Flip {val['accuracy']:.5f}+-{val['std']:.5f}" in printed
     assert eval_cli.main(["--weights", str(out / "checkpoints" / "4"),
-                          "--bin", str(out / "synthetic.bin")]) == 0  # fmt: skip
+                          "--bin", str(small_val_bin)]) == 0  # fmt: skip
     assert f"Accuracy-Flip {val['accuracy']:.5f}" in capsys.readouterr().out
 
     assert eval_cli.main(["--weights", str(tmp_path), "--bin", "x.bin"]) == 1

@@ -14,15 +14,15 @@ from jaxface.train import TrainingError, main, train
 def _cfg(repo, tmp_path, **overrides):
     base = dict(
         num_classes=12, num_image=4000, batch_size=4, embedding_size=32, frequent=1,
-        val_targets="[]", progress="plain", tensorboard=False, output=str(tmp_path / "run"), warmup_epoch=0,
-        lr=0.1,
+        val_targets="[]", progress="plain", tensorboard=False, output=str(tmp_path / "run"),
+        warmup_epoch=0, lr=0.1,
     )  # fmt: skip
     base.update(overrides)
     return load_config(repo / "configs/demo.py", {k: str(v) for k, v in base.items()})
 
 
-def test_short_run_learns_and_writes_logs(repo, tmp_path, capsys):
-    cfg = _cfg(repo, tmp_path, max_steps=20, val_targets="synthetic", verbose=10)
+def test_short_run_learns_and_writes_logs(repo, tmp_path, capsys, small_val_bin):
+    cfg = _cfg(repo, tmp_path, max_steps=20, val_targets=str(small_val_bin), verbose=10)
     summary = train(cfg)
     state = summary["state"]
     # The state was born sharded and stays so: centres and their momentum split by class.
@@ -46,7 +46,7 @@ def test_short_run_learns_and_writes_logs(repo, tmp_path, capsys):
     # Held-out synthetic pairs, scored with the 10-fold protocol: far above chance (50%).
     val = [r for r in records if r.get("event") == "val"]
     assert [r["step"] for r in val] == [10, 20]
-    assert summary["val"]["synthetic"] > 0.7
+    assert summary["val"]["small_val"] > 0.7
     resolved = json.loads((tmp_path / "run/config.json").read_text())
     assert resolved["config"]["num_classes"] == 12 and resolved["derived"]["global_batch"] == 32
     out = capsys.readouterr().out
@@ -106,3 +106,20 @@ def test_unwritable_output(repo, tmp_path):
     cfg = _cfg(repo, tmp_path, max_steps=1, output=str(blocker / "run"))
     with pytest.raises(TrainingError, match="'output'=.* cannot be written"):
         train(cfg)
+
+
+def test_val_targets_resolve(repo, tmp_path):
+    from jaxface.config import ConfigError
+    from jaxface.data import SyntheticFaces, SyntheticStream
+    from jaxface.data.verification import load_bin
+    from jaxface.train import _val_paths
+
+    cfg = _cfg(repo, tmp_path, val_targets="synthetic")
+    stream = SyntheticStream(SyntheticFaces(12, seed=cfg.seed), 4000, 32, cfg.seed)
+    (path,) = _val_paths(cfg, tmp_path, stream)
+    assert path == tmp_path / "synthetic.bin"
+    images, issame = load_bin(path)
+    assert images.shape == (1200, 112, 112, 3) and issame.sum() == 300
+    cfg = _cfg(repo, tmp_path, val_targets="lfw", rec=str(tmp_path / "data"))
+    with pytest.raises(ConfigError, match=r"'lfw' -> .*data/lfw.bin does not exist"):
+        _val_paths(cfg, tmp_path, stream)

@@ -90,7 +90,7 @@ class SyntheticStream:
         self.num_image = num_image
         self.global_batch = global_batch
         self.seed = seed
-        self.steps_per_epoch = num_image // global_batch
+        self.steps_per_epoch = num_image // global_batch  # in batches of global_batch
         self._order_epoch = -1
         self._order = None
 

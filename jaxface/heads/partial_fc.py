@@ -47,32 +47,48 @@ def partial_fc_loss(
     mesh: Mesh,
     axis: str = "data",
     precision=jax.lax.Precision.HIGHEST,
+    num_sample: int | None = None,
+    key: jax.Array | None = None,
 ) -> jnp.ndarray:
     """Mean margin-softmax cross-entropy over the global batch.
 
     embeddings: [global_batch, E], sharded over `axis` along the batch.
     labels: [global_batch] int, sharded likewise, values in [0, num_classes).
     centres: [num_padded, E], sharded over `axis` along the classes.
+    num_sample: if set (sample_rate < 1), each device scores only this many of its centres:
+      every class of its block present in the global batch, plus random others (`key`).
     Returns a replicated float32 scalar.
     """
+    sampled = num_sample is not None
+    if sampled and key is None:
+        raise ValueError("partial_fc_loss: sampling (num_sample) needs a PRNG key")
 
-    def shard_loss(local_emb, local_labels, local_centres):
+    def shard_loss(local_emb, local_labels, local_centres, key_data):
         num_local = local_centres.shape[0]
         # [B_local, E] per device -> [B_global, E]; transposes to a reduce-scatter.
         emb = jax.lax.all_gather(local_emb.astype(jnp.float32), axis, tiled=True)
         # [B_local] -> [B_global]
         batch_labels = jax.lax.all_gather(local_labels, axis, tiled=True)
-        first_class = jax.lax.axis_index(axis) * num_local
+        shard = jax.lax.axis_index(axis)
+        first_class = shard * num_local
+        local_labels_all = batch_labels - first_class  # in [0, num_local) where this block owns it
+        if sampled:
+            class_ids, local_labels_all = _sample_classes(
+                key_data, shard, local_labels_all, num_local, num_sample, num_classes - first_class
+            )
+            local_centres = local_centres[class_ids]  # [num_sample, E]; gradient scatters back
+        else:
+            class_ids = jnp.arange(num_local)
         cos = jnp.dot(
             _l2_normalize(emb),
             _l2_normalize(local_centres.astype(jnp.float32)).T,
             precision=precision,
         )
-        cos = jnp.clip(cos, -1.0, 1.0)  # [B_global, num_local]
-        local_ids = jnp.arange(num_local)
-        is_target = local_ids[None, :] == (batch_labels - first_class)[:, None]
+        cos = jnp.clip(cos, -1.0, 1.0)  # [B_global, num_local or num_sample]
+        width = class_ids.shape[0]
+        is_target = jnp.arange(width)[None, :] == local_labels_all[:, None]
         logits = margin.logits(cos, is_target)
-        logits = jnp.where((first_class + local_ids < num_classes)[None, :], logits, -jnp.inf)
+        logits = jnp.where((first_class + class_ids < num_classes)[None, :], logits, -jnp.inf)
         # [B_global] per device -> the max over all classes.
         row_max = jax.lax.pmax(jax.lax.stop_gradient(logits.max(axis=1)), axis)
         row_max = jax.lax.stop_gradient(row_max)
@@ -85,10 +101,36 @@ def partial_fc_loss(
         log_prob = target - row_max - jnp.log(sum_exp)
         return -jnp.mean(log_prob)
 
+    key_data = jax.random.key_data(key) if sampled else jnp.zeros((2,), jnp.uint32)
     return jax.shard_map(
         shard_loss,
         mesh=mesh,
-        in_specs=(P(axis, None), P(axis), P(axis, None)),
+        in_specs=(P(axis, None), P(axis), P(axis, None), P()),
         out_specs=P(),
         check_vma=True,
-    )(embeddings, labels, centres)
+    )(embeddings, labels, centres, key_data)
+
+
+def _sample_classes(key_data, shard, local_labels, num_local, num_sample, num_real_local):
+    """Indices of the centres this device keeps, and the batch labels remapped into them.
+
+    As arcface_torch: every positive class of this block, then random negatives, sorted.
+    Static shape: `num_sample` must be at least the number of positives a batch can bring
+    (checked by the config). Padding rows are never picked while real classes remain.
+    """
+    owned = (local_labels >= 0) & (local_labels < num_local)
+    positive = (
+        jnp.zeros((num_local,), bool)
+        .at[jnp.where(owned, local_labels, num_local)]
+        .set(True, mode="drop")
+    )
+    key = jax.random.fold_in(jax.random.wrap_key_data(key_data), shard)
+    score = jax.random.uniform(key, (num_local,))  # in [0, 1): a random order of negatives
+    score = jnp.where(jnp.arange(num_local) < num_real_local, score, -1.0)
+    score = jnp.where(positive, 2.0, score)
+    _, picked = jax.lax.top_k(score, num_sample)
+    picked = jnp.sort(picked)
+    # Position of each owned label among the picked classes; -1 where another block owns it.
+    remapped = jnp.searchsorted(picked, jnp.clip(local_labels, 0, num_local - 1))
+    remapped = jnp.where(owned, remapped, -1)
+    return picked, remapped

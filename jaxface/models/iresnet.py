@@ -57,6 +57,7 @@ class IBasicBlock(nn.Module):
             dtype=dtype,
             param_dtype=self.policy.param_dtype,
             kernel_init=_conv_init,
+            precision=self.policy.matmul_precision,
         )
         out = bn(name="bn1")(x, train)
         out = conv((3, 3), padding=((1, 1), (1, 1)), name="conv1")(out)
@@ -97,6 +98,7 @@ class IResNet(nn.Module):
             dtype=dtype,
             param_dtype=self.policy.param_dtype,
             kernel_init=_conv_init,
+            precision=self.policy.matmul_precision,
             name="conv1",
         )(x)
         x = BatchNorm(num_groups=self.bn_groups, dtype=dtype, name="bn1")(x, train)
@@ -125,6 +127,7 @@ class IResNet(nn.Module):
             param_dtype=self.policy.param_dtype,
             kernel_init=_linear_kernel_init,
             bias_init=_linear_bias_init(fan_in),
+            precision=self.policy.matmul_precision,
             name="fc",
         )(x)
         return BatchNorm(
