@@ -19,23 +19,21 @@ from jaxface.convert import ConvertError
 from jaxface.models.names import BACKBONES
 from torchref.infer import load_model
 
-OPSET = 17
-
-
 def export(model: torch.nn.Module, path: str | Path) -> None:
     """Write `model` (eval mode) as ONNX with a dynamic batch axis."""
     model = model.eval()
     dummy = torch.zeros(2, 3, 112, 112)
-    # The TorchScript exporter: it needs no onnxscript and keeps Conv/BN as single ops.
+    # torch.export-based exporter (needs onnxscript): the TorchScript one is deprecated.
+    # One file (no external data): r200 is about 0.5 GB, under protobuf's 2 GB limit.
     torch.onnx.export(
         model,
         (dummy,),
         str(path),
         input_names=["input"],
         output_names=["embedding"],
-        dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
-        opset_version=OPSET,
-        dynamo=False,
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        dynamo=True,
+        external_data=False,
     )
 
 

@@ -58,7 +58,10 @@ def train(cfg, options: Options, device: torch.device) -> dict:
     faces = SyntheticFaces(cfg.num_classes, cfg.seed, cfg.synthetic_noise, cfg.synthetic_jitter)
     stream = SyntheticStream(faces, cfg.num_image, derived.global_batch, cfg.seed)
     rows = derived.batch_per_device
-    ref = build(cfg, derived, options, device)
+    try:
+        ref = build(cfg, derived, options, device)
+    except ValueError as exc:  # a margin or precision torchref does not implement
+        raise ConfigError(f"{cfg.source}: {exc}") from None
     out = Path(cfg.output) / "torchref"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
