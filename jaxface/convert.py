@@ -94,11 +94,7 @@ def detect_network(state_dict: Mapping[str, Any]) -> str | None:
     """The backbone whose blocks per stage and widths match the keys, or None."""
     blocks = []
     for stage in range(1, 5):
-        ids = {
-            int(m.group(1))
-            for k in state_dict
-            if (m := re.match(rf"layer{stage}\.(\d+)\.", k))
-        }
+        ids = {int(m.group(1)) for k in state_dict if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
         blocks.append(len(ids))
     stem = state_dict.get("conv1.weight")
     width = stem.shape[0] if stem is not None else None
@@ -281,9 +277,7 @@ def _listing(keys: Sequence[str], limit: int = 8) -> str:
 
 
 def _detect_flax(params: Mapping) -> str | None:
-    blocks = tuple(
-        sum(1 for k in params if re.fullmatch(rf"layer{s}_\d+", k)) for s in range(1, 5)
-    )
+    blocks = tuple(sum(1 for k in params if re.fullmatch(rf"layer{s}_\d+", k)) for s in range(1, 5))
     for name, (b, _) in BACKBONES.items():
         if blocks == b:
             return name
@@ -304,6 +298,8 @@ def _to_numpy_tree(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: _to_numpy_tree(v) for k, v in tree.items()}
     return np.asarray(tree)
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -411,7 +407,11 @@ def load_backbone(
         network = network or found
         if network is None:
             raise ConvertError(f"{str(path)!r}: cannot tell which IResNet this is; pass --network")
-        if embedding_size is not None and "fc.weight" in sd and embedding_size_of(sd) != embedding_size:
+        if (
+            embedding_size is not None
+            and "fc.weight" in sd
+            and embedding_size_of(sd) != embedding_size
+        ):
             raise ConvertError(
                 f"{str(path)!r} has embedding size {embedding_size_of(sd)}, "
                 f"expected {embedding_size}"
@@ -465,8 +465,7 @@ def load_head_shards(paths: Sequence[str | Path]) -> list[np.ndarray]:
         gaps = sorted(set(range(max(found) + 1)) - set(found))
         if gaps:
             raise ConvertError(
-                f"{str(folder)!r}: head shards of ranks {gaps} are missing "
-                f"(found {sorted(found)})"
+                f"{str(folder)!r}: head shards of ranks {gaps} are missing (found {sorted(found)})"
             )
         files = [found[r] for r in range(len(found))]
     shards = []
@@ -478,9 +477,7 @@ def load_head_shards(paths: Sequence[str | Path]) -> list[np.ndarray]:
                 break
         if isinstance(obj, Mapping):
             if "weight" not in obj:
-                raise ConvertError(
-                    f"{str(f)!r} has no head weight (keys: {_listing(sorted(obj))})"
-                )
+                raise ConvertError(f"{str(f)!r} has no head weight (keys: {_listing(sorted(obj))})")
             obj = obj["weight"]
         if not hasattr(obj, "shape") or len(obj.shape) != 2:
             raise ConvertError(f"{str(f)!r}: the head weight is not a [classes, E] matrix")
@@ -539,7 +536,9 @@ def centres_to_shards(centres: np.ndarray, num_classes: int, world_size: int) ->
             "the class count does not match this head"
         )
     bounds = np.cumsum([0, *split_sizes(num_classes, world_size)])
-    return [np.ascontiguousarray(centres[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [
+        np.ascontiguousarray(centres[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
 
 
 def save_head_shards(

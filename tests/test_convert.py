@@ -66,7 +66,9 @@ def test_files_and_cli_round_trip(tmp_path):
     assert meta == {"network": "iresnet_tiny", "num_batches_tracked": 7}
     assert convert.main(["jax2torch", str(tmp_path / "w.npz"), str(tmp_path / "back.pt")]) == 0
     back = torch.load(tmp_path / "back.pt", weights_only=True)
-    _assert_identical({k: v.numpy() for k, v in back.items()}, {k: v.numpy() for k, v in sd.items()})
+    _assert_identical(
+        {k: v.numpy() for k, v in back.items()}, {k: v.numpy() for k, v in sd.items()}
+    )
     # It loads into the reference with strict=True.
     torch_model("iresnet_tiny", num_features=64).load_state_dict(back, strict=True)
     # A DDP-wrapped state dict or a full training checkpoint is accepted too.
@@ -74,7 +76,8 @@ def test_files_and_cli_round_trip(tmp_path):
                tmp_path / "ckpt.pt")  # fmt: skip
     params2, _, network = convert.load_backbone(tmp_path / "ckpt.pt")
     assert network == "iresnet_tiny"
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True))  # fmt: skip
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True)
+    assert all(np.array_equal(a, b) for a, b in pairs)
 
 
 def test_init_backbone_from_torch(tmp_path):
@@ -158,7 +161,8 @@ def test_missing_and_extra_keys_are_named():
 def test_shape_mismatch_is_named():
     sd = dict(_state_dict("iresnet_tiny"))
     sd["layer3.0.conv1.weight"] = torch.zeros(32, 16, 1, 1)
-    with pytest.raises(ConvertError, match=r"layer3.0.conv1.weight: expected \[32, 16, 3, 3\], got \[32, 16, 1, 1\]"):  # fmt: skip
+    expected = r"layer3.0.conv1.weight: expected \[32, 16, 3, 3\], got \[32, 16, 1, 1\]"
+    with pytest.raises(ConvertError, match=expected):
         convert.torch_to_flax(sd, "iresnet_tiny")
     params, stats = convert.torch_to_flax(_state_dict("iresnet_tiny"), "iresnet_tiny")
     params["layer1_0"]["conv2"]["kernel"] = np.zeros((3, 3, 8, 4), np.float32)

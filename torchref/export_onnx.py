@@ -19,6 +19,7 @@ from jaxface.convert import ConvertError
 from jaxface.models.names import BACKBONES
 from torchref.infer import load_model
 
+
 def export(model: torch.nn.Module, path: str | Path) -> None:
     """Write `model` (eval mode) as ONNX with a dynamic batch axis."""
     model = model.eval()
