@@ -37,3 +37,43 @@ def test_bad_config_and_unsupported_margin(repo, tmp_path, capsys):
     assert "synthetic" in capsys.readouterr().err
     assert train.main([*base, "--config.margin_list=1.35,0,0", "--config.max_steps=1"]) == 2
     assert "arcface_torch implements only ArcFace" in capsys.readouterr().err
+
+
+def _dense_arcface_loss(emb, centres, labels, s=64.0, m=0.5):
+    cos = torch.nn.functional.normalize(emb) @ torch.nn.functional.normalize(centres).T
+    cos = cos.clamp(-1, 1)
+    target = torch.cos(torch.arccos(cos[torch.arange(len(labels)), labels]) + m)
+    logits = cos.clone()
+    logits[torch.arange(len(labels)), labels] = target
+    p = torch.softmax(s * logits, dim=1)[torch.arange(len(labels)), labels]
+    # arcface_torch's clamp: log p_y is cut at log(1e-30) = -69.08, which these random
+    # centres reach (the plain cross-entropy would be larger).
+    return -p.clamp_min(1e-30).log().mean()
+
+
+@pytest.mark.parametrize("num_classes, expected_kept", [(20, 10), (6, 4)])
+def test_partial_fc_sampling(num_classes, expected_kept):
+    """sample_rate 0.5: all positive classes plus random negatives, sorted; if positives
+    outnumber int(0.5 * C), only they are kept."""
+    from torchref.losses import CombinedMarginLoss
+    from torchref.partial_fc import PartialFC
+
+    torch.manual_seed(0)
+    head = PartialFC(CombinedMarginLoss(64, 1, 0.5, 0), 8, num_classes, sample_rate=0.5)
+    labels = torch.tensor([3, 5, 3, 0, 1, 5])
+    emb = torch.randn(6, 8, requires_grad=True)
+    loss = head(emb, labels)
+    assert loss.item() != pytest.approx(  # the sampled loss is not the full one
+        _dense_arcface_loss(emb, head.weight, labels).item(), rel=1e-3
+    )
+    index = head.weight_index
+    assert len(index) == expected_kept
+    assert torch.equal(index, index.sort()[0])
+    assert set(labels.tolist()) <= set(index.tolist())
+    remapped = torch.searchsorted(index, labels)
+    want = _dense_arcface_loss(emb, head.weight[index], remapped)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    loss.backward()
+    unused = torch.ones(num_classes, dtype=torch.bool)
+    unused[index] = False
+    assert not head.weight.grad[unused].any() and head.weight.grad[index].any()

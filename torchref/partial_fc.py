@@ -112,6 +112,7 @@ class PartialFC(torch.nn.Module):
                 index = torch.topk(perm, k=self.num_sample)[1].sort()[0]
             else:
                 index = positive
+            self.weight_index = index  # kept for inspection, as arcface_torch
             labels[positive_rows] = torch.searchsorted(index, labels[positive_rows])
         return self.weight[index]
 
