@@ -43,6 +43,21 @@ def test_r50_keys_are_arcface_torch():
     assert not torch_model("r50").features.weight.requires_grad
 
 
+@pytest.mark.parametrize(
+    "network, millions",
+    [("r18", 24.03), ("r34", 34.14), ("r50", 43.59), ("r100", 65.16), ("r200", 118.83)],
+)
+def test_parameter_counts_match_arcface_torch(network, millions):
+    keys = convert.torch_keys(network)
+    count = sum(
+        int(np.prod(shape)) for key, shape in keys.items() if not key.endswith(convert.BN_STATS)
+    )
+    assert round(count / 1e6, 2) == millions
+    if network == "r18":  # the module itself, allocated: same keys and shapes
+        model = torch_model(network)
+        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys
+
+
 @pytest.mark.parametrize("network", ["iresnet_tiny", "r50"])
 def test_torch_jax_torch_is_bit_identical(network):
     sd = _state_dict(network, tracked=1234)
