@@ -185,6 +185,13 @@ def test_shape_mismatch_is_named():
         convert.flax_to_torch(params, stats, "iresnet_tiny")
 
 
+def test_features_scale_must_be_one():
+    sd = dict(_state_dict("iresnet_tiny"))
+    sd["features.weight"] = torch.full((512,), 2.0)
+    with pytest.raises(ConvertError, match="features.weight is not all ones"):
+        convert.torch_to_flax(sd, "iresnet_tiny")
+
+
 def test_jax_weights_missing_or_extra_entries(tmp_path):
     params, stats = convert.torch_to_flax(_state_dict("iresnet_tiny"), "iresnet_tiny")
     del stats["layer4_0"]["bn1"]["var"]

@@ -77,3 +77,18 @@ def test_partial_fc_sampling(num_classes, expected_kept):
     unused = torch.ones(num_classes, dtype=torch.bool)
     unused[index] = False
     assert not head.weight.grad[unused].any() and head.weight.grad[index].any()
+
+
+@pytest.mark.parametrize(
+    "flags", [["--precision", "fp16", "--channels-last"], ["--precision", "bf16"]]
+)
+def test_mixed_precision_runs(repo, tmp_path, flags):
+    """fp16 (autocast + GradScaler) and bf16 (autocast) train; the head stays float32."""
+    argv = ["--config", str(repo / "configs/demo.py"), "--config.num_classes=12",
+            "--config.batch_size=8", "--config.max_steps=2", "--config.frequent=1",
+            "--config.num_image=480", f"--config.output={tmp_path}", *flags]  # fmt: skip
+    assert train.main(argv) == 0
+    records = (tmp_path / "torchref" / "metrics.jsonl").read_text().splitlines()
+    assert all(np.isfinite(json.loads(r)["loss"]) for r in records)
+    sd = torch.load(tmp_path / "torchref" / "model.pt", weights_only=True)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in sd.values())

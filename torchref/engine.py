@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -75,12 +76,16 @@ def build(cfg, derived, options: Options, device: torch.device) -> Reference:
     backbone: torch.nn.Module = model
     if world_size > 1:
         # Running statistics stay per rank (broadcast_buffers=False), as arcface_torch.
-        backbone = torch.nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-            bucket_cap_mb=16,
-        )
+        # Newer torch deprecates the flag, but its replacement still syncs at init, and
+        # its own warning says to keep broadcast_buffers=False for rank-local buffers.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
+            backbone = torch.nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False,
+                bucket_cap_mb=16,
+            )
         if options.precision == "fp16":
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
                 fp16_compress_hook,
