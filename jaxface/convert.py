@@ -322,7 +322,11 @@ def _torch_load(path: str | Path) -> Any:
         # weights_only: a checkpoint is data; never run pickled code from a downloaded file.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a non-checkpoint
-        raise ConvertError(f"{str(path)!r} is not a PyTorch checkpoint: {exc}") from None
+        # torch's own text is a page long, and suggests weights_only=False, which would run
+        # pickled code: name the failure only.
+        raise ConvertError(
+            f"{str(path)!r} is not a PyTorch checkpoint (torch.load failed: {type(exc).__name__})"
+        ) from None
 
 
 def load_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
