@@ -144,10 +144,11 @@ def check_state_dict(
         if extra:
             parts.append(f"unexpected keys: {_listing(extra)}")
         raise ConvertError(f"not an arcface_torch {network} state dict{hint}: " + "; ".join(parts))
+    shapes = {k: tuple(getattr(v, "shape", np.shape(v))) for k, v in state_dict.items()}
     bad = [
-        f"{k}: expected {list(shape)}, got {list(np.shape(state_dict[k]))}"
+        f"{k}: expected {list(shape)}, got {list(shapes[k])}"
         for k, shape in expected.items()
-        if tuple(np.shape(state_dict[k])) != shape
+        if shapes[k] != shape
     ]
     if bad:
         raise ConvertError(f"shape mismatch for {network}: " + "; ".join(bad[:8]))
