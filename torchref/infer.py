@@ -1,0 +1,57 @@
+"""python -m torchref.infer: the same arguments and output as `python -m jaxface.infer`,
+computed by the PyTorch reference (eval mode, float32, TF32 off)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jaxface.convert import ConvertError, flax_to_torch, is_torch_file, load_backbone
+from jaxface.infer import InferError, build_parser, read_inputs
+from torchref.engine import set_matmul_precision
+from torchref.iresnet import IResNet, get_model, normalize_images
+
+
+def load_model(weights: str, network: str | None) -> IResNet:
+    """A torchref backbone in eval mode from a torch model.pt or jaxface .npz."""
+    params, stats, network = load_backbone(weights, network)  # checks keys and shapes
+    if is_torch_file(weights):
+        from jaxface.convert import load_torch_state_dict
+
+        state_dict = load_torch_state_dict(weights)
+    else:
+        state_dict = flax_to_torch(params, stats, network)
+    model = get_model(network, num_features=int(params["fc"]["bias"].shape[0]))
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()})
+    return model.eval()
+
+
+@torch.no_grad()
+def embed(weights: str, network: str | None, images: np.ndarray, batch_size: int = 64):
+    set_matmul_precision(tf32=False)
+    model = load_model(weights, network)
+    chunks = [
+        model(normalize_images(torch.from_numpy(images[i : i + batch_size]))).numpy()
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser("python -m torchref.infer").parse_args(argv)
+    try:
+        images = read_inputs(args)
+        emb = embed(args.weights, args.network, images, args.batch_size)
+    except (InferError, ConvertError) as exc:
+        print(f"torchref.infer: error: {exc}", file=sys.stderr)
+        return 2
+    np.save(Path(args.out), emb)
+    print(f"{len(emb)} embeddings of size {emb.shape[1]} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
