@@ -49,6 +49,7 @@ def get_config() -> dict:
         output="work_dirs/run",
         # Checkpoints and evaluation.
         resume=False,  # continue from the latest checkpoint in output/checkpoints
+        init_from=None,  # fine-tune from a backbone (torch model.pt or jaxface .npz), fresh head
         checkpoint_every=2000,  # steps; checkpoints are also written at each epoch end
         keep_checkpoints=3,
         # Verification sets: a path to a .bin, a name looked up as <rec>/<name>.bin (lfw,

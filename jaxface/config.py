@@ -116,6 +116,7 @@ SCHEMA: dict[str, Field] = {
     "frequent": Field(int, _positive),
     "progress": Field(str, _one_of(*PROGRESS_MODES)),
     "resume": Field(bool),
+    "init_from": Field(str, optional=True),
     "checkpoint_every": Field(int, _non_negative),
     "keep_checkpoints": Field(int, _positive),
     "val_targets": Field(list),

@@ -1,7 +1,8 @@
 """python -m jaxface.eval --weights W --network r50 --bin lfw.bin [more.bin ...]
 
-W is a run folder or a `backbone.npz` written by jaxface.train, or a checkpoint folder
-(`RUN/checkpoints/STEP`). Prints the 10-fold verification accuracy of each set.
+W is a run folder of jaxface.train, its `backbone.npz`, a checkpoint folder
+(`RUN/checkpoints/STEP`), or an arcface_torch / torchref `model.pt`. Prints the 10-fold
+verification accuracy of each set.
 Exit status: 0 done, 1 unusable weights or set, 2 bad arguments.
 """
 
@@ -16,23 +17,26 @@ class WeightsError(ValueError):
     """Weights that cannot be loaded; the message names the file and why."""
 
 
-def load_backbone(weights: str | Path) -> tuple[dict, dict, dict]:
-    """(params, batch_stats, info) from a run folder, backbone.npz or checkpoint folder."""
-    from jaxface.export import NPZ_NAME, load_backbone_npz
+def load_backbone(weights: str | Path, network: str | None = None) -> tuple[dict, dict, dict]:
+    """(params, batch_stats, info) from a run folder, .npz, .pt or checkpoint folder."""
+    from jaxface.convert import ConvertError
+    from jaxface.convert import load_backbone as load_file
+    from jaxface.export import NPZ_NAME
 
     path = Path(weights)
     if path.is_dir() and (path / NPZ_NAME).is_file():
         path = path / NPZ_NAME
-    if path.is_file() and path.suffix == ".npz":
-        try:
-            return load_backbone_npz(path)
-        except (OSError, ValueError, KeyError) as exc:
-            raise WeightsError(f"{path}: not a jaxface backbone.npz: {exc}") from None
     if path.is_dir() and (path / "state").is_dir():
         return _from_checkpoint(path)
+    if path.is_file():
+        try:
+            params, stats, found = load_file(path, network)
+        except ConvertError as exc:
+            raise WeightsError(str(exc)) from None
+        return params, stats, {"network": found}
     raise WeightsError(
-        f"{path}: expected a jaxface run folder, a backbone.npz or a checkpoint folder "
-        "(RUN/checkpoints/STEP)"
+        f"{path}: expected a jaxface run folder, a backbone.npz, a checkpoint folder "
+        "(RUN/checkpoints/STEP) or a torch model.pt"
     )
 
 
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxface.verify import Verifier, format_result
 
     try:
-        params, batch_stats, info = load_backbone(args.weights)
+        params, batch_stats, info = load_backbone(args.weights, args.network)
     except WeightsError as exc:
         print(f"jaxface.eval: error: {exc}", file=sys.stderr)
         return 1

@@ -1,8 +1,10 @@
 """Backbone export at epoch ends and at the end of a run.
 
-Written as `backbone.npz`: flat keys `params/<module path>` and `batch_stats/<module path>`,
-numpy float32, loadable without jax (`load_backbone_npz`). Files are written to a temporary
-name and renamed, so a reader never sees half a file.
+`OUTPUT/backbone.npz`: jaxface weights (jaxface.convert's format, no pickle).
+`OUTPUT/model.pt`: the same backbone as an arcface_torch state dict, key for key, loadable
+with `strict=True` into arcface_torch's or torchref's IResNet (written when torch is
+installed). Both are written under a temporary name and renamed, so a reader never sees
+half a file.
 """
 
 from __future__ import annotations
@@ -10,54 +12,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 NPZ_NAME = "backbone.npz"
+TORCH_NAME = "model.pt"
 
 
-def _flatten(tree, prefix: str) -> dict[str, np.ndarray]:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}/{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name))
-        else:
-            flat[name] = np.asarray(value)
-    return flat
-
-
-def _unflatten(flat: dict[str, np.ndarray], prefix: str) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        parts = name.split("/")
-        if parts[0] != prefix:
-            continue
-        node = tree
-        for part in parts[1:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return tree
-
-
-def export_backbone(out: str | Path, params, batch_stats, cfg=None) -> Path:
-    """Write the backbone's parameters and BatchNorm statistics to `out/backbone.npz`."""
+def export_backbone(out: str | Path, params, batch_stats, network: str, step: int) -> list[Path]:
+    """Write the backbone; returns the files written. `step` becomes num_batches_tracked."""
     import jax
 
+    from jaxface.convert import flax_to_torch, save_torch_state_dict, save_weights
+
     params, batch_stats = jax.device_get((params, batch_stats))
-    flat = {**_flatten(params, "params"), **_flatten(batch_stats, "batch_stats")}
-    if cfg is not None:
-        flat["network"] = np.asarray(cfg.network)
-        flat["embedding_size"] = np.asarray(cfg.embedding_size)
-    path = Path(out) / NPZ_NAME
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **flat)
-    os.replace(tmp, path)
-    return path
-
-
-def load_backbone_npz(path: str | Path) -> tuple[dict, dict, dict]:
-    """(params, batch_stats, info) from a `backbone.npz`; info has network, embedding_size."""
-    with np.load(path) as data:
-        flat = {k: data[k] for k in data.files}
-    info = {k: flat.pop(k).item() for k in ("network", "embedding_size") if k in flat}
-    return _unflatten(flat, "params"), _unflatten(flat, "batch_stats"), info
+    out = Path(out)
+    written = []
+    npz = out / NPZ_NAME
+    save_weights(npz.with_name(npz.name + ".tmp"), params, batch_stats, network, step)
+    os.replace(npz.with_name(npz.name + ".tmp"), npz)
+    written.append(npz)
+    try:
+        import torch  # noqa: F401 - only to know whether model.pt can be written
+    except ImportError:
+        return written
+    state_dict = flax_to_torch(params, batch_stats, network, num_batches_tracked=step)
+    pt = out / TORCH_NAME
+    save_torch_state_dict(state_dict, pt.with_name(pt.name + ".tmp"))
+    os.replace(pt.with_name(pt.name + ".tmp"), pt)
+    written.append(pt)
+    return written

@@ -168,6 +168,9 @@ def train(cfg) -> dict:
         checkpointer = Checkpointer(checkpoint_dir, cfg.keep_checkpoints)
         state = jax.jit(init, out_shardings=shardings)(cfg.seed)
         start_step = 0
+        if cfg.init_from is not None:
+            state = _init_backbone_from(cfg, state, shardings)
+            progress.message(f"backbone initialised from {cfg.init_from} (head is fresh)")
 
     # --- Step: donated state, explicit output shardings.
     step_fn = jax.jit(
@@ -259,7 +262,7 @@ def train(cfg) -> dict:
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or epoch_end or last:
                 checkpoint(step)
             if (epoch_end or last) and is_main:
-                export_backbone(out, state.params["backbone"], state.batch_stats, cfg)
+                export_backbone(out, state.params["backbone"], state.batch_stats, cfg.network, step)
             if verifier is not None and (step % cfg.verbose == 0 or last):
                 val_records += evaluate(step)
     except KeyboardInterrupt:
@@ -297,6 +300,27 @@ def train(cfg) -> dict:
         f"logs, checkpoints and backbone in {out}"
     )
     return {**summary, "state": state, "history": history, "val_records": val_records}
+
+
+def _init_backbone_from(cfg, state, shardings):
+    """Fine-tuning: a released backbone (torch model.pt or jaxface .npz), a fresh head.
+
+    The optimizer state needs no change: momentum and Adam moments start at zero."""
+    import jax
+
+    from jaxface.config import ConfigError
+    from jaxface.convert import ConvertError, init_backbone_from_torch
+
+    try:
+        params, stats = init_backbone_from_torch(cfg.init_from, cfg.network, cfg.embedding_size)
+    except ConvertError as exc:
+        raise ConfigError(
+            f"{cfg.source}: config key 'init_from'={cfg.init_from!r}: {exc}"
+        ) from None
+    return state.replace(
+        params={**state.params, "backbone": jax.device_put(params, shardings.params["backbone"])},
+        batch_stats=jax.device_put(stats, shardings.batch_stats),
+    )
 
 
 def _step_batch(stream, step: int, grad_accum: int, row_start: int, rows: int):

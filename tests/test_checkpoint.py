@@ -15,7 +15,7 @@ from jaxface import eval as eval_cli
 from jaxface import plot as plot_cli
 from jaxface.checkpoint import Checkpointer
 from jaxface.config import load_config
-from jaxface.export import load_backbone_npz
+from jaxface.convert import load_torch_state_dict, load_weights
 from jaxface.train import TrainingError, train
 
 
@@ -107,8 +107,10 @@ def test_export_eval_plot_and_tensorboard(repo, tmp_path, capsys, small_val_bin)
     summary = train(_cfg(repo, out, max_steps=4, val_targets=str(small_val_bin), verbose=4,
                          tensorboard=True))  # fmt: skip
     state = jax.device_get(summary["state"])
-    params, stats, info = load_backbone_npz(out / "backbone.npz")
-    assert info == {"network": "iresnet_tiny", "embedding_size": 32}
+    params, stats, meta = load_weights(out / "backbone.npz")
+    assert meta == {"network": "iresnet_tiny", "num_batches_tracked": 4}
+    torch_sd = load_torch_state_dict(out / "model.pt")  # arcface_torch's layout
+    assert torch_sd["fc.bias"].shape == (32,) and "layer1.0.downsample.1.running_var" in torch_sd
     for a, b in zip(
         jax.tree.leaves(params), jax.tree.leaves(state.params["backbone"]), strict=True
     ):
@@ -116,9 +118,10 @@ def test_export_eval_plot_and_tensorboard(repo, tmp_path, capsys, small_val_bin)
     assert len(jax.tree.leaves(stats)) == len(jax.tree.leaves(state.batch_stats))
 
     val = summary["val_records"][-1]
-    assert eval_cli.main(["--weights", str(out), "--bin", str(small_val_bin)]) == 0
-    printed = capsys.readouterr().out
-    assert f"Accuracy-Flip {val['accuracy']:.5f}+-{val['std']:.5f}" in printed
+    for weights in (out, out / "model.pt"):
+        assert eval_cli.main(["--weights", str(weights), "--bin", str(small_val_bin)]) == 0
+        printed = capsys.readouterr().out
+        assert f"Accuracy-Flip {val['accuracy']:.5f}+-{val['std']:.5f}" in printed
     assert eval_cli.main(["--weights", str(out / "checkpoints" / "4"),
                           "--bin", str(small_val_bin)]) == 0  # fmt: skip
     assert f"Accuracy-Flip {val['accuracy']:.5f}" in capsys.readouterr().out

@@ -19,6 +19,7 @@ from jaxface.mesh import batch_sharding, class_sharding, make_mesh  # noqa: E402
 from jaxface.models import get_model as jax_model  # noqa: E402
 from jaxface.models import normalize_images as jax_normalize  # noqa: E402
 from jaxface.optim import make_optimizer  # noqa: E402
+from jaxface.precision import LossScale  # noqa: E402
 from jaxface.step import TrainState, make_train_step  # noqa: E402
 from torchref import get_model as torch_model  # noqa: E402
 from torchref.iresnet import normalize_images as torch_normalize  # noqa: E402
@@ -104,6 +105,7 @@ def _jax_step(cfg, derived, params, stats, centres, batch, labels, num_devices):
         batch_stats=stats,
         opt_state=tx.init(all_params),
         rng=jax.random.key_data(jax.random.key(0)),
+        loss_scale=LossScale.create(False),
     )
     state = state.replace(
         params={**state.params, "head": {"centres": jax.device_put(centres, class_sharding(mesh))}}
