@@ -114,7 +114,9 @@ def test_derive_rejections(repo):
         derive(cfg, 8)
     assert derive(cfg, 4).batch_per_device == 25
     cfg = load_config(repo / "configs/demo.py", {"num_image": "10"})
-    with pytest.raises(ConfigError, match="'num_image'=10 is smaller than one global batch"):
+    with pytest.raises(
+        ConfigError, match="'num_image': num_image=10 is smaller than one optimizer step"
+    ):
         derive(cfg, 1)
     cfg = load_config(repo / "configs/demo.py", {"warmup_epoch": "5"})
     with pytest.raises(ConfigError, match="'warmup_epoch'=5.0 leaves no steps"):
