@@ -39,7 +39,7 @@ def test_short_run_learns_and_writes_logs(repo, tmp_path, capsys, small_val_bin)
     records = [
         json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
     ]
-    steps = [r for r in records if "step" in r]
+    steps = [r for r in records if "loss" in r and "step" in r]
     assert [r["step"] for r in steps] == list(range(1, 21))
     losses = [r["loss"] for r in steps]
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
