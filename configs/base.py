@@ -57,4 +57,10 @@ def get_config() -> dict:
         val_targets=(),
         verbose=2000,  # evaluate on val_targets every this many steps, and at the end
         tensorboard=True,  # events in output/tensorboard besides metrics.jsonl
+        # Multi-host (see README): explicit coordinator, or cluster auto-detection.
+        distributed=False,  # true: jax.distributed.initialize() from the environment (SLURM...)
+        coordinator_address=None,  # "host:port" of process 0; then num_processes, process_id
+        num_processes=None,
+        process_id=None,
+        distributed_timeout=300,  # seconds to wait for the coordinator and the others
     )

@@ -122,6 +122,11 @@ SCHEMA: dict[str, Field] = {
     "val_targets": Field(list),
     "verbose": Field(int, _positive),
     "tensorboard": Field(bool),
+    "distributed": Field(bool),
+    "coordinator_address": Field(str, optional=True),
+    "num_processes": Field(int, _positive, optional=True),
+    "process_id": Field(int, _non_negative, optional=True),
+    "distributed_timeout": Field(int, _positive),
     "output": Field(str, lambda v: None if v.strip() else "must not be empty"),
 }
 
@@ -246,7 +251,23 @@ def validate(values: Mapping[str, Any], source: str = "<dict>") -> Config:
             if problem:
                 raise ConfigError(f"{source}: config key {key!r}={value!r} {problem}")
         typed[key] = value
+    _check_consistency(typed, source)
     return Config(typed, source)
+
+
+def _check_consistency(values: dict[str, Any], source: str) -> None:
+    """Rules that involve more than one key."""
+    if values["coordinator_address"] is not None:
+        for key in ("num_processes", "process_id"):
+            if values[key] is None:
+                raise ConfigError(
+                    f"{source}: config key 'coordinator_address' is set, so {key!r} must be too"
+                )
+        if values["process_id"] >= values["num_processes"]:
+            raise ConfigError(
+                f"{source}: config key 'process_id'={values['process_id']} must be < "
+                f"num_processes={values['num_processes']}"
+            )
 
 
 def _load_file(path: Path) -> dict[str, Any]:

@@ -47,8 +47,11 @@ class Meter:
 class Progress:
     """`mode` is bar (rewrites one line, for terminals) or plain (one line per update)."""
 
-    def __init__(self, mode: str, total_steps: int, stream: TextIO | None = None):
+    def __init__(
+        self, mode: str, total_steps: int, stream: TextIO | None = None, quiet: bool = False
+    ):
         self.stream = stream or sys.stdout
+        self.quiet = quiet  # processes other than 0 of a multi-host run
         if mode == "auto":
             mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "plain"
         self.mode = mode
@@ -64,6 +67,8 @@ class Progress:
         )
 
     def update(self, rec: dict) -> None:
+        if self.quiet:
+            return
         step, total = rec["step"], self.total_steps
         if self.mode == "bar":
             width = 24
@@ -80,6 +85,8 @@ class Progress:
 
     def message(self, text: str) -> None:
         """A line of its own (above the live line on a terminal)."""
+        if self.quiet:
+            return
         if self._bar_shown:
             self.stream.write("\r\x1b[K")
             self._bar_shown = False

@@ -10,11 +10,11 @@ from pathlib import Path
 class RunLog:
     """Appends one JSON record per line; mirrors numeric fields to TensorBoard scalars."""
 
-    def __init__(self, out: Path, tensorboard: bool, append: bool):
+    def __init__(self, out: Path, tensorboard: bool, append: bool, enabled: bool = True):
         self.path = out / "metrics.jsonl"
-        self._file = self.path.open("a" if append else "w")
+        self._file = self.path.open("a" if append else "w") if enabled else None
         self._tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
@@ -27,6 +27,8 @@ class RunLog:
                 self._tb = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, record: dict, prefix: str = "train") -> None:
+        if self._file is None:  # not process 0
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None and "step" in record:
@@ -35,7 +37,8 @@ class RunLog:
                     self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

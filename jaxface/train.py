@@ -34,10 +34,12 @@ def _parse_args(argv: list[str]):
     return parser.parse_known_args(argv)
 
 
-def _prepare_output(cfg, derived) -> Path:
+def _prepare_output(cfg, derived, is_main: bool) -> Path:
     out = Path(cfg.output)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if not is_main:
+            return out
         resolved = {"config": cfg.to_dict(), "source": cfg.source, "derived": vars(derived)}
         name = (
             "config.json"
@@ -84,6 +86,8 @@ def train(cfg) -> dict:
     from jaxface.config import ConfigError, derive
     from jaxface.data import SyntheticFaces, SyntheticStream
     from jaxface.data.verification import VerificationSetError
+    from jaxface.distributed import DistributedError
+    from jaxface.distributed import initialize as initialize_distributed
     from jaxface.export import export_backbone
     from jaxface.feed import DeviceFeed
     from jaxface.heads import margin_from_config
@@ -102,14 +106,19 @@ def train(cfg) -> dict:
     from jaxface.step import make_embed_fn, make_init_fn, make_train_step, state_shardings
     from jaxface.verify import Verifier, format_result
 
-    # --- Mesh: 1-D over every device; backbone data-parallel, class centres split.
+    # --- Processes and mesh: 1-D over every device of every process; backbone
+    # data-parallel, class centres split.
+    try:
+        initialize_distributed(cfg)
+    except DistributedError as exc:
+        raise TrainingError(str(exc)) from None
     try:
         mesh = make_mesh(cfg.num_devices)
     except MeshError as exc:
         raise ConfigError(f"{cfg.source}: {exc}") from None
     derived = derive(cfg, mesh.size)
     is_main = jax.process_index() == 0
-    out = _prepare_output(cfg, derived)
+    out = _prepare_output(cfg, derived, is_main)
 
     # --- Input.
     if cfg.rec != "synthetic":
@@ -144,7 +153,8 @@ def train(cfg) -> dict:
     init = make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded)
     abstract = jax.eval_shape(init, 0)
     shardings = state_shardings(abstract, mesh)
-    progress = Progress(cfg.progress, derived.run_steps)
+    # Only process 0 talks and writes logs; every process takes part in checkpoints.
+    progress = Progress(cfg.progress, derived.run_steps, quiet=not is_main)
     checkpoint_dir = out / "checkpoints"
     if cfg.resume:
         checkpointer = Checkpointer(checkpoint_dir, cfg.keep_checkpoints)
@@ -165,6 +175,10 @@ def train(cfg) -> dict:
         moved = set_aside(checkpoint_dir) if is_main else None
         if moved:
             progress.message(f"earlier checkpoints of {out} moved to {moved} (resume=false)")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoints set aside")
         checkpointer = Checkpointer(checkpoint_dir, cfg.keep_checkpoints)
         state = jax.jit(init, out_shardings=shardings)(cfg.seed)
         start_step = 0
@@ -189,12 +203,13 @@ def train(cfg) -> dict:
     )
     embed_fn = jax.jit(make_embed_fn(model))
     verifier = Verifier(val_paths, mesh, embed_fn, derived.global_batch) if val_paths else None
-    log = RunLog(out, cfg.tensorboard and is_main, append=cfg.resume)
+    log = RunLog(out, cfg.tensorboard, append=cfg.resume, enabled=is_main)
 
     n_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
     progress.message(
         f"jaxface: {cfg.network} ({n_params:,} backbone params), {cfg.num_classes:,} classes "
         f"over {mesh.size} {mesh.devices.flat[0].platform} device(s) "
+        f"{f'in {jax.process_count()} processes ' if jax.process_count() > 1 else ''}"
         f"({derived.num_local_classes:,} each), global batch {derived.global_batch}, "
         f"{cfg.precision}, steps {start_step + 1}-{derived.run_steps} -> {out}"
     )
@@ -290,8 +305,9 @@ def train(cfg) -> dict:
         summary["samples_per_sec"] = float(np.median(rates))
     if val_records:
         summary["val"] = {r["target"]: r["accuracy"] for r in val_records[-len(val_paths) :]}
-    with (out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"event": "summary", **summary}) + "\n")
+    if is_main:
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"event": "summary", **summary}) + "\n")
     val_text = "".join(f", {k} accuracy {100 * v:.2f}%" for k, v in summary.get("val", {}).items())
     took = format_duration(summary["wall_s"])
     progress.message(

@@ -12,6 +12,7 @@ No jax or torch here: the embeddings come in as numpy arrays.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,7 @@ def write_bin(path: str | Path, images: np.ndarray, issame, quality: int = 95) -
         Image.fromarray(np.asarray(img, np.uint8)).save(buf, format="JPEG", quality=quality)
         bins.append(buf.getvalue())
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as f:
         pickle.dump((bins, issame), f, protocol=pickle.HIGHEST_PROTOCOL)
     tmp.replace(path)

@@ -1,0 +1,76 @@
+"""Multi-host start-up: jax.distributed from the config, the environment, or not at all.
+
+Three ways to run:
+- one process (the default): nothing to initialise;
+- explicit: `coordinator_address`, `num_processes` and `process_id` in the config (or on
+  the command line of each process);
+- cluster auto-detection: with `distributed=true` and no address, JAX reads SLURM,
+  Open MPI and similar environments itself.
+`distributed_timeout` bounds the wait for the coordinator and the other processes: an
+unreachable coordinator or a wrong process count ends in an error, not a hang.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import jax
+
+
+class DistributedError(RuntimeError):
+    """The processes of a multi-host run could not be connected."""
+
+
+def initialize(cfg) -> bool:
+    """Connect this process to the others if the config asks for it; True if it did."""
+    explicit = cfg.coordinator_address is not None
+    if not explicit and not cfg.distributed:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    # CPU collectives across processes go through gloo (GPUs use NCCL regardless). Asking
+    # for the backend here would start it, and initialize() must come first.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {"initialization_timeout": cfg.distributed_timeout}
+    if explicit and cfg.process_id != 0:
+        # XLA aborts the whole process when the coordinator never answers; look first, so
+        # that an unreachable address is an error message, not a crash.
+        _wait_for_coordinator(cfg.coordinator_address, cfg.distributed_timeout, cfg)
+    if explicit:
+        kwargs.update(
+            coordinator_address=cfg.coordinator_address,
+            num_processes=cfg.num_processes,
+            process_id=cfg.process_id,
+        )
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - jax raises several types for the same failure
+        where = cfg.coordinator_address or "the coordinator the environment names"
+        raise DistributedError(
+            f"could not join the run at {where} as process {cfg.process_id} of "
+            f"{cfg.num_processes} within {cfg.distributed_timeout} s (config keys "
+            f"'coordinator_address', 'num_processes', 'process_id'): {exc}"
+        ) from None
+    return True
+
+
+def _wait_for_coordinator(address: str, timeout: float, cfg) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(
+            f"config key 'coordinator_address'={address!r} must look like host:port"
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise DistributedError(
+                    f"could not join the run at {address} as process {cfg.process_id} of "
+                    f"{cfg.num_processes}: nothing answered there within {timeout} s "
+                    f"(config key 'coordinator_address'; is process 0 running?): {exc}"
+                ) from None
+            time.sleep(0.5)
