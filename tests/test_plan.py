@@ -1,0 +1,37 @@
+"""The memory planner: XLA's per-device memory analysis of the compiled step, no allocation."""
+
+from jaxface.config import load_config
+from jaxface.plan import largest_class_count, main, step_memory
+
+
+def _cfg(repo, **overrides):
+    values = dict(num_classes=8000, batch_size=2, embedding_size=64, sample_rate=1.0)
+    values.update(overrides)
+    return load_config(repo / "configs/demo.py", {k: str(v) for k, v in values.items()})
+
+
+def test_memory_grows_with_the_class_shard(repo):
+    cfg = _cfg(repo)
+    small = step_memory(cfg, 4)
+    large = step_memory(cfg.replace(num_classes=16000), 4)
+    per_device_centres = (16000 - 8000) // 4 * 64 * 4  # float32 rows added to each device
+    # Centres and their momentum are both arguments (donated, so aliased by the outputs).
+    assert large["arguments"] - small["arguments"] >= 2 * per_device_centres
+    assert large["peak"] > small["peak"]
+
+
+def test_largest_class_count_fits_the_budget(repo):
+    cfg = _cfg(repo, sample_rate=0.5)
+    budget = step_memory(cfg.replace(num_classes=40000), 2)["peak"]
+    best, fit = largest_class_count(cfg, 2, budget)
+    assert fit["peak"] <= budget
+    assert 30000 < best <= 40000 * 1.05 and best % 2 == 0
+
+
+def test_cli(repo, capsys, monkeypatch):
+    monkeypatch.chdir(repo)
+    assert main(["--config", "configs/demo.py", "--devices", "2", "--config.batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 devices: per device" in out and "peak" in out
+    assert main(["--config", "configs/demo.py", "--devices", "2", "--config.sample_rate=2"]) == 2
+    assert "'sample_rate'=2.0 must be in (0, 1]" in capsys.readouterr().err
