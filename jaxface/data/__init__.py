@@ -1,5 +1,20 @@
 """Data sources. Imports neither jax nor torch: torchref and compare use it too."""
 
+from jaxface.data.recordio import (
+    RecordIODataset,
+    RecordIOError,
+    RecordIOWarning,
+    RecordIOWriter,
+    open_recordio,
+)
 from jaxface.data.synthetic import SyntheticFaces, SyntheticStream
 
-__all__ = ["SyntheticFaces", "SyntheticStream"]
+__all__ = [
+    "RecordIODataset",
+    "RecordIOError",
+    "RecordIOWarning",
+    "RecordIOWriter",
+    "SyntheticFaces",
+    "SyntheticStream",
+    "open_recordio",
+]
