@@ -53,11 +53,9 @@ def decode_image(data: bytes, backend: str | None = None) -> np.ndarray:
         if backend == "opencv":
             bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
             if bgr is None:
-                raise DecodeError("opencv could not decode it")
+                raise ValueError("opencv could not decode it")
             return np.ascontiguousarray(bgr[:, :, ::-1])
         return _pillow(data)
-    except DecodeError:
-        raise
     except Exception as exc:  # noqa: BLE001 - every library has its own error types
         head = data[:8].hex()
         raise DecodeError(

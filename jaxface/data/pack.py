@@ -76,12 +76,11 @@ def pack_records(
                 data, shape = _encoded(image, quality, image_size is not None)
             except DecodeError as exc:
                 raise ValueError(f"image {key} (label {label}): {exc}") from None
-            if image_size is not None:
-                if shape[:2] != (image_size, image_size):
-                    raise ValueError(
-                        f"image {key} (label {label}) is {shape[1]}x{shape[0]}, expected "
-                        f"{image_size}x{image_size}"
-                    )
+            if image_size is not None and shape[:2] != (image_size, image_size):
+                raise ValueError(
+                    f"image {key} (label {label}) is {shape[1]}x{shape[0]}, expected "
+                    f"{image_size}x{image_size}"
+                )
             if header:
                 if label != last and label in ranges:
                     raise ValueError(
@@ -105,9 +104,7 @@ def pack_records(
             for label in range(num_classes):
                 writer.write(key, pack_payload(ranges[label], b"", id=key))
                 key += 1
-            writer.overwrite(
-                header_offset, pack_payload([float(first_identity), float(key)], b"")
-            )
+            writer.overwrite(header_offset, pack_payload([float(first_identity), float(key)], b""))
     return PackSummary(rec, idx, num_images, num_classes)
 
 
@@ -121,9 +118,7 @@ def list_image_folder(root: str | Path) -> tuple[list[tuple[Path, int]], list[st
         raise ValueError(f"{root} has no sub-folders (one per identity expected)")
     items = []
     for label, name in enumerate(names):
-        files = sorted(
-            p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         items.extend((p, label) for p in files)
     if not items:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
@@ -167,9 +162,7 @@ def pack_synthetic(
     from jaxface.data.synthetic import SyntheticFaces
 
     faces = SyntheticFaces(num_classes, seed, noise, jitter)
-    items = (
-        (faces.image(c, s), c) for c in range(num_classes) for s in range(images_per_class)
-    )
+    items = ((faces.image(c, s), c) for c in range(num_classes) for s in range(images_per_class))
     return pack_records(out_prefix, items, quality=quality, image_size=faces.image_size)
 
 
