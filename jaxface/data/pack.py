@@ -1,6 +1,7 @@
 """Pack images into an InsightFace-style RecordIO file (`PREFIX.rec` + `PREFIX.idx`).
 
     python -m jaxface.data.pack SRC OUT_PREFIX      # SRC: one sub-folder per identity
+    python -m jaxface.data.pack --synthetic 1000x20 OUT_PREFIX   # SyntheticFaces
 
 Layout written: record 0 is the header (labels [a, b]), records 1 .. a-1 the images with
 their class as a scalar label, records a .. b-1 one per identity holding its image range
@@ -168,15 +169,31 @@ def pack_synthetic(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxface.data.pack", description=__doc__)
-    parser.add_argument("src", help="folder with one sub-folder of images per identity")
+    parser.add_argument("src", nargs="?", help="folder with one sub-folder of images per identity")
     parser.add_argument("out_prefix", help="writes OUT_PREFIX.rec and OUT_PREFIX.idx")
+    parser.add_argument(
+        "--synthetic", metavar="CxN", help="pack C synthetic identities of N images instead"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="synthetic: seed")
+    parser.add_argument("--noise", type=float, default=0.35, help="synthetic: pixel noise")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encodes")
     parser.add_argument(
         "--image-size", type=int, default=112, help="required size; 0 accepts any size"
     )
     args = parser.parse_args(argv)
+    if (args.src is None) == (args.synthetic is None):
+        parser.error("give either SRC or --synthetic CxN")
     try:
-        summary = pack_folder(args.src, args.out_prefix, args.quality, args.image_size or None)
+        if args.synthetic:
+            try:
+                classes, per_class = (int(v) for v in args.synthetic.lower().split("x"))
+            except ValueError:
+                parser.error(f"--synthetic {args.synthetic!r}: expected CxN, e.g. 1000x20")
+            summary = pack_synthetic(
+                args.out_prefix, classes, per_class, args.seed, args.noise, quality=args.quality
+            )
+        else:
+            summary = pack_folder(args.src, args.out_prefix, args.quality, args.image_size or None)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
