@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -33,18 +34,37 @@ def decode_rate(source, seconds: float, sample: int = 512) -> float:
     return count / (time.perf_counter() - start)
 
 
-def loader_rate(loader: HostLoader, seconds: float) -> float:
-    """Images/s the loader hands out, after two warm-up batches (worker start-up)."""
+def _cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(CPU seconds of this process, of the given worker processes) from /proc."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    workers = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            workers += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            return usage.ru_utime + usage.ru_stime, float("nan")
+    return usage.ru_utime + usage.ru_stime, workers
+
+
+def loader_rate(loader: HostLoader, seconds: float) -> dict:
+    """Images/s the loader hands out after two warm-up batches (worker start-up), and the
+    CPU seconds the main process and the workers spent meanwhile."""
     step = 0
     for _ in range(2):
         loader.batch(step)
         step += 1
+    pids = [p.pid for p in getattr(loader._pool, "_pool", [])]
+    main0, workers0 = _cpu_seconds(pids)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         images, _ = loader.batch(step)
         count += len(images)
         step += 1
-    return count / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    main1, workers1 = _cpu_seconds(pids)
+    return dict(rate=count / wall, images=count, main=main1 - main0, workers=workers1 - workers0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,12 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     with HostLoader(
         source, batch, workers=args.workers, prefetch=args.prefetch, augment=args.augment
     ) as loader:
-        full = loader_rate(loader, args.seconds)
+        run = loader_rate(loader, args.seconds)
+    full, total = run["rate"], run["images"]
+    cpu = run["main"] + run["workers"]
     goal = args.cores * one_core
     print(
         f"loader, {args.workers} workers, batch {batch}{', augment' if args.augment else ''}: "
         f"{full:,.0f} images/s = {100 * full / goal:.0f}% of {args.cores} cores x one-core "
         f"decode ({goal:,.0f})"
+    )
+    # On a shared machine the wall-clock ratio also measures the neighbours; images per
+    # CPU-second is the loader's own efficiency.
+    print(
+        f"loader CPU: main {run['main']:.2f} s + workers {run['workers']:.2f} s for "
+        f"{total:,} images = {total / cpu:,.0f} images per core-second = "
+        f"{100 * total / cpu / one_core:.0f}% of one-core decode; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
     return 0
 

@@ -1,7 +1,9 @@
 """Image decoding to uint8 RGB with the fastest library installed.
 
-JPEG: simplejpeg, else opencv, else Pillow (one core, 112x112: about 11,500 / 11,500 /
-6,500 images/s). PNG and anything else: opencv, else Pillow.
+JPEG: opencv, else simplejpeg, else Pillow (one core, 112x112: about 11,500 / 11,500 /
+6,500 images/s; opencv also flips and resizes fastest, so it is the dependency). PNG and
+anything else: opencv, else Pillow. BGR -> RGB happens inside opencv: a numpy channel
+reversal costs more than the decode.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ class DecodeError(ValueError):
     """Bytes that are not a decodable image."""
 
 
+_CV2_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # opencv >= 4.10 decodes straight to RGB
+
+
 def jpeg_backend() -> str:
-    return "simplejpeg" if simplejpeg else "opencv" if cv2 else "pillow"
+    return "opencv" if cv2 else "simplejpeg" if simplejpeg else "pillow"
 
 
 def _pillow(data: bytes) -> np.ndarray:
@@ -51,10 +56,15 @@ def decode_image(data: bytes, backend: str | None = None) -> np.ndarray:
         if backend == "simplejpeg" and kind == "jpeg":
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
         if backend == "opencv":
-            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-            if bgr is None:
+            buf = np.frombuffer(data, np.uint8)
+            if _CV2_RGB is not None:
+                rgb = cv2.imdecode(buf, _CV2_RGB)
+            else:
+                bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+                rgb = None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            if rgb is None:
                 raise ValueError("opencv could not decode it")
-            return np.ascontiguousarray(bgr[:, :, ::-1])
+            return rgb
         return _pillow(data)
     except Exception as exc:  # noqa: BLE001 - every library has its own error types
         head = data[:8].hex()
@@ -67,6 +77,9 @@ def decode_image(data: bytes, backend: str | None = None) -> np.ndarray:
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
     """JPEG bytes of a uint8 [H, W, 3] RGB array."""
     image = np.ascontiguousarray(image, np.uint8)
+    if cv2 is not None:
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
     if simplejpeg is not None:
         return simplejpeg.encode_jpeg(image, quality=quality, colorspace="RGB")
     from PIL import Image

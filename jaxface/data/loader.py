@@ -61,7 +61,7 @@ def _fill(source, out, row0, indices, params, skip_corrupt, image_size):
                 f"({image_size}, {image_size}, 3)",
                 key=int(index),
             )
-        out[row0 + r] = aug.apply(image, params, r)
+        aug.apply(image, params, r, out[row0 + r])
         labels[r] = label
     return labels, skipped
 
