@@ -166,9 +166,9 @@ def make_rec_with_a_bad_record(tmp_path):
 def test_corrupt_record_raises_or_is_skipped_and_reported(tmp_path, workers):
     rec, offset = make_rec_with_a_bad_record(tmp_path)
     source = open_source(rec)
-    with HostLoader(source, 8, seed=0, workers=workers) as strict:
-        with pytest.raises(RecordIOError, match="not a decodable image") as err:
-            strict.batch(0)
+    strict = HostLoader(source, 8, seed=0, workers=workers)
+    with strict, pytest.raises(RecordIOError, match="not a decodable image") as err:
+        strict.batch(0)
     assert (str(err.value.file), err.value.key, err.value.offset) == (str(rec), 5, offset)
 
     lenient = HostLoader(source, 8, seed=0, skip_corrupt=True, workers=workers)
@@ -219,3 +219,16 @@ def test_bad_arguments():
         loader(n=10, global_batch=12)
     with pytest.raises(ValueError, match="not a .rec"):
         open_source("/nonexistent/thing")
+
+
+def test_flip_and_augment_without_opencv(monkeypatch):
+    from jaxface.data import augment
+
+    ds = SyntheticDataset(num_classes=4, num_image=32, seed=0)
+    with_cv2 = HostLoader(ds, 16, seed=0, augment=True).batch(0)[0]
+    flips = HostLoader(ds, 16, seed=0).batch(0)[0]
+    monkeypatch.setattr(augment, "cv2", None)
+    np.testing.assert_array_equal(HostLoader(ds, 16, seed=0).batch(0)[0], flips)
+    without = HostLoader(ds, 16, seed=0, augment=True).batch(0)[0]
+    # Resize and blur kernels differ between opencv and Pillow; the draws are the same.
+    assert np.abs(without.astype(int) - with_cv2).mean() < 8

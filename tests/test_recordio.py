@@ -310,3 +310,55 @@ def test_decoder_outputs_rgb():
     for data in (encode_jpeg(rgb), encode_png(rgb)):
         out = decode_image(data)
         assert out[..., 0].mean() > 190 and out[..., 2].mean() < 10
+
+
+def test_decoders_agree_without_opencv(monkeypatch):
+    from jaxface.data import decode
+
+    rgb = image(3)
+    png, jpeg = encode_png(rgb), encode_jpeg(rgb)
+    fast = decode_image(jpeg)
+    monkeypatch.setattr(decode, "cv2", None)
+    monkeypatch.setattr(decode, "simplejpeg", None)
+    assert decode.jpeg_backend() == "pillow"
+    np.testing.assert_array_equal(decode_image(png), rgb)
+    assert np.abs(decode_image(jpeg).astype(int) - fast).max() <= 8  # IDCTs differ a little
+
+
+def test_pack_and_inspect_commands(tmp_path, capsys, monkeypatch):
+    from jaxface.data import inspect as inspect_tool
+    from jaxface.data import pack as pack_tool
+
+    monkeypatch.chdir(tmp_path)
+    assert pack_tool.main(["--synthetic", "3x4", "--seed", "1", str(tmp_path / "s")]) == 0
+    assert "12 images, 3 identities" in capsys.readouterr().out
+    (tmp_path / "s.idx").unlink()
+    code = inspect_tool.main(["s.rec", "--write-idx", "--check", "--identities", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for text in (
+        "header [a, b] = [13, 16]",
+        "images: 12",
+        "identities: 3",
+        "label range: [0, 2]",
+        "112x112x3: 12",
+        "12 good, 0 bad",
+        "s_montage.png",
+    ):
+        assert text in out
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s_montage.png").size == (8 * 112, 2 * 112)
+    assert pack_tool.main([str(tmp_path / "missing"), "x"]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_ensure_synthetic_packs_once_per_parameters(tmp_path):
+    from jaxface.data.pack import ensure_synthetic
+
+    rec = ensure_synthetic(tmp_path / "demo", 2, 3, seed=0)
+    stamp = rec.stat().st_mtime_ns
+    assert ensure_synthetic(tmp_path / "demo", 2, 3, seed=0).stat().st_mtime_ns == stamp
+    ds = open_recordio(ensure_synthetic(tmp_path / "demo", 2, 4, seed=0))
+    assert (len(ds), ds.num_classes) == (8, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.idx", "demo.json", "demo.rec"]

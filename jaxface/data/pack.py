@@ -11,6 +11,8 @@ their class as a scalar label, records a .. b-1 one per identity holding its ima
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -165,6 +167,45 @@ def pack_synthetic(
     faces = SyntheticFaces(num_classes, seed, noise, jitter)
     items = ((faces.image(c, s), c) for c in range(num_classes) for s in range(images_per_class))
     return pack_records(out_prefix, items, quality=quality, image_size=faces.image_size)
+
+
+def ensure_synthetic(
+    out_prefix: str | Path,
+    num_classes: int,
+    images_per_class: int,
+    seed: int = 0,
+    noise: float = 0.35,
+    jitter: int = 4,
+    quality: int = 95,
+) -> Path:
+    """Path of `OUT_PREFIX.rec`, packed by pack_synthetic unless a pack with the same
+    parameters is already there (recorded in `OUT_PREFIX.json`). Writes go to temporary
+    names renamed at the end, so an interrupted pack is never mistaken for a finished one.
+    Call it from one process (e.g. process 0) and let the others wait for it."""
+    prefix = Path(out_prefix)
+    rec, idx = prefix.with_name(prefix.name + ".rec"), prefix.with_name(prefix.name + ".idx")
+    stamp = prefix.with_name(prefix.name + ".json")
+    params = dict(
+        num_classes=num_classes,
+        images_per_class=images_per_class,
+        seed=seed,
+        noise=noise,
+        jitter=jitter,
+        quality=quality,
+    )
+    if rec.is_file() and idx.is_file() and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()) == params:
+                return rec
+        except ValueError:
+            pass  # a damaged stamp: pack again
+    tmp = prefix.with_name(f"{prefix.name}.tmp{os.getpid()}")
+    summary = pack_synthetic(tmp, num_classes, images_per_class, seed, noise, jitter, quality)
+    stamp.unlink(missing_ok=True)
+    os.replace(summary.idx, idx)
+    os.replace(summary.rec, rec)
+    stamp.write_text(json.dumps(params))
+    return rec
 
 
 def main(argv: list[str] | None = None) -> int:
