@@ -362,3 +362,12 @@ def test_ensure_synthetic_packs_once_per_parameters(tmp_path):
     ds = open_recordio(ensure_synthetic(tmp_path / "demo", 2, 4, seed=0))
     assert (len(ds), ds.num_classes) == (8, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.idx", "demo.json", "demo.rec"]
+
+
+def test_index_missing_a_key_the_header_promises(good):
+    rec, offsets = good
+    idx = rec.with_suffix(".idx")
+    idx.write_text("".join(f"{k}\t{o}\n" for k, o in offsets.items() if k != 4))
+    with pytest.raises(RecordIOError, match="no key 4") as err:
+        open_recordio(rec)
+    assert err.value.key == 4 and str(rec) in str(err.value)

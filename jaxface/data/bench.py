@@ -55,7 +55,7 @@ def loader_rate(loader: HostLoader, seconds: float) -> dict:
     for _ in range(2):
         loader.batch(step)
         step += 1
-    pids = [p.pid for p in getattr(loader._pool, "_pool", [])]
+    pids = list(getattr(loader._pool, "_processes", None) or {})
     main0, workers0 = _cpu_seconds(pids)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

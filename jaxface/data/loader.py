@@ -19,6 +19,8 @@ import os
 import tempfile
 import threading
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import wait as wait_all
 from pathlib import Path
 
 import numpy as np
@@ -197,9 +199,11 @@ class HostLoader:
         fd, self._ring_path = tempfile.mkstemp(prefix="jaxface-ring-", dir=folder)
         os.close(fd)
         self._ring = np.memmap(self._ring_path, np.uint8, "w+", shape=shape)
-        ctx = multiprocessing.get_context("spawn")
-        self._pool = ctx.Pool(
+        # An executor, not multiprocessing.Pool: a worker that dies (out of memory, a
+        # crash in a decoder) fails the pending batches instead of hanging them forever.
+        self._pool = ProcessPoolExecutor(
             self.workers,
+            multiprocessing.get_context("spawn"),
             _worker_init,
             (self.source, self._ring_path, shape, self.skip_corrupt, self.image_size),
         )
@@ -211,7 +215,7 @@ class HostLoader:
         for row0 in range(0, self.rows, self.chunk):
             row1 = min(row0 + self.chunk, self.rows)
             args = (slot, row0, indices[row0:row1], aug.slice_params(params, row0, row1))
-            tasks.append(self._pool.apply_async(_worker_task, args))
+            tasks.append(self._pool.submit(_worker_task, *args))
         self._pending[step] = tasks
 
     def _batch_from_workers(self, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -221,12 +225,11 @@ class HostLoader:
         # Slots are step % (prefetch + 1): only a window of consecutive steps may be in
         # flight, so finish (and drop) anything outside it before reusing its slot.
         for other in [s for s in self._pending if s not in window]:
-            for task in self._pending.pop(other):
-                task.wait()
+            wait_all(self._pending.pop(other))
         for s in window:
             if s not in self._pending:
                 self._submit(s)
-        results = [task.get() for task in self._pending.pop(step)]
+        results = [task.result() for task in self._pending.pop(step)]
         for _, skipped in results:
             self._note_skipped(skipped)
         labels = np.concatenate([labels for labels, _ in results])
@@ -279,8 +282,7 @@ class HostLoader:
         """Stop the workers, free the ring and print the skip report, if any."""
         with self._lock:
             if self._pool is not None:
-                self._pool.terminate()
-                self._pool.join()
+                self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
             self._pending.clear()
             self._ring = None

@@ -205,7 +205,12 @@ class RecordFile:
                 RecordIOWarning,
                 stacklevel=3,
             )
-        self._offset_of = dict(zip(self.keys.tolist(), self.offsets.tolist(), strict=True))
+        # Key -> offset without a dict (100+ bytes a record, copied into every worker):
+        # InsightFace keys are 0 .. n-1 in order, so the key is the position; otherwise
+        # binary search in the sorted keys.
+        n = len(self.keys)
+        self._dense = bool(n and self.keys[0] == 0 and np.array_equal(self.keys, np.arange(n)))
+        self._by_key = None if self._dense else np.argsort(self.keys, kind="stable")
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -271,16 +276,24 @@ class RecordFile:
             raise RecordIOError(f"garbled index: key {dup} appears twice", idx, key=dup)
         return keys_a, offsets_a
 
+    def _position(self, key: int) -> int:
+        """Position of `key` in the index, or -1."""
+        if self._dense:
+            return key if 0 <= key < len(self.keys) else -1
+        order = self._by_key
+        i = int(np.searchsorted(self.keys, key, sorter=order))
+        return int(order[i]) if i < len(order) and self.keys[order[i]] == key else -1
+
     def has_key(self, key: int) -> bool:
-        return key in self._offset_of
+        return self._position(key) >= 0
 
     def offset(self, key: int) -> int:
-        try:
-            return self._offset_of[key]
-        except KeyError:
+        i = self._position(key)
+        if i < 0:
             raise RecordIOError(
                 f"the index {self.idx_path} has no record with this key", str(self.path), key
-            ) from None
+            )
+        return int(self.offsets[i])
 
     def read_at(self, offset: int, key=None) -> tuple[bytes, int]:
         """(payload, offset just past the record) of the record starting at `offset`."""
@@ -459,9 +472,24 @@ class RecordIODataset:
 
     @property
     def num_classes(self) -> int:
-        """From the header's identity records; for header-less files, max label + 1."""
+        """From the header's identity records; for header-less files, max label + 1 over
+        the records whose header reads (bad ones are counted in a warning, and fail again
+        when read, unless the loader skips them)."""
         if self._num_classes is None:
-            self._num_classes = int(self.labels().max()) + 1 if len(self) else 0
+            top, bad = -1, []
+            for i in range(len(self)):
+                try:
+                    top = max(top, self._label_of(i))
+                except RecordIOError as exc:
+                    bad.append(exc)
+            if bad:
+                warnings.warn(
+                    f"{self.path}: {len(bad)} record(s) with unreadable labels left out of "
+                    f"num_classes; the first: {bad[0]}",
+                    RecordIOWarning,
+                    stacklevel=2,
+                )
+            self._num_classes = top + 1
         return self._num_classes
 
     def labels(self) -> np.ndarray:
