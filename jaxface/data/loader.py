@@ -19,6 +19,7 @@ import os
 import tempfile
 import threading
 import warnings
+import weakref
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import wait as wait_all
 from pathlib import Path
@@ -66,6 +67,29 @@ def _fill(source, out, row0, indices, params, skip_corrupt, image_size):
         aug.apply(image, params, r, out[row0 + r])
         labels[r] = label
     return labels, skipped
+
+
+def _make_ring_file(size: int) -> str:
+    """A file of `size` bytes for the shared ring: in /dev/shm when it has room (a Docker
+    default is 64 MB, and writing past a full tmpfs kills the writer with SIGBUS, so the
+    space is reserved up front), else in the temporary folder (page cache, nearly as fast)."""
+    for folder in ("/dev/shm", None):
+        if folder and not os.path.isdir(folder):
+            continue
+        fd, path = tempfile.mkstemp(prefix="jaxface-ring-", dir=folder)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:  # macOS: no reservation, but no small tmpfs either
+                os.ftruncate(fd, size)
+            return path
+        except OSError:
+            os.unlink(path)
+            if folder is None:
+                raise
+        finally:
+            os.close(fd)
+    raise AssertionError("unreachable")
 
 
 # --- Worker side: state set once per process by the pool initializer. ---
@@ -195,10 +219,10 @@ class HostLoader:
     def _start_pool(self) -> None:
         slots = self.prefetch + 1
         shape = (slots, self.rows, self.image_size, self.image_size, 3)
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, self._ring_path = tempfile.mkstemp(prefix="jaxface-ring-", dir=folder)
-        os.close(fd)
-        self._ring = np.memmap(self._ring_path, np.uint8, "w+", shape=shape)
+        self._ring_path = _make_ring_file(int(np.prod(shape)))
+        # Removed at close(), or when the loader is collected, or at exit.
+        self._ring_cleanup = weakref.finalize(self, Path(self._ring_path).unlink, missing_ok=True)
+        self._ring = np.memmap(self._ring_path, np.uint8, "r+", shape=shape)
         # An executor, not multiprocessing.Pool: a worker that dies (out of memory, a
         # crash in a decoder) fails the pending batches instead of hanging them forever.
         self._pool = ProcessPoolExecutor(
@@ -287,7 +311,7 @@ class HostLoader:
             self._pending.clear()
             self._ring = None
             if self._ring_path is not None:
-                Path(self._ring_path).unlink(missing_ok=True)
+                self._ring_cleanup()
                 self._ring_path = None
         if self.skipped:
             warnings.warn(self.report(), RecordIOWarning, stacklevel=2)
@@ -297,7 +321,3 @@ class HostLoader:
 
     def __exit__(self, *exc):
         self.close()
-
-    def __del__(self):
-        if getattr(self, "_ring_path", None):
-            Path(self._ring_path).unlink(missing_ok=True)
