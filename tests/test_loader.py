@@ -232,3 +232,52 @@ def test_flip_and_augment_without_opencv(monkeypatch):
     without = HostLoader(ds, 16, seed=0, augment=True).batch(0)[0]
     # Resize and blur kernels differ between opencv and Pillow; the draws are the same.
     assert np.abs(without.astype(int) - with_cv2).mean() < 8
+
+
+def test_tfds_source_through_data_source(monkeypatch):
+    # A stand-in for tensorflow_datasets: the adaptor's contract is tfds.data_source(name,
+    # split=, data_dir=) -> a random-access source of {"image", "label"} dicts with
+    # dataset_info.features["label"].num_classes.
+    import types
+
+    class Label:
+        num_classes = 5
+
+    class Source(list):
+        dataset_info = types.SimpleNamespace(features={"label": Label()})
+
+    calls = []
+
+    def data_source(name, split, data_dir):
+        calls.append((name, split, data_dir))
+        gray = np.full((SIZE, SIZE, 1), 9, np.uint8)
+        return Source(
+            [
+                {"image": gray, "label": 4},
+                {"image": encode_png(np.zeros((SIZE,) * 2 + (3,), np.uint8)), "label": 1},
+            ]
+        )
+
+    monkeypatch.setitem(
+        sys.modules, "tensorflow_datasets", types.SimpleNamespace(data_source=data_source)
+    )
+    ds = open_source("tfds:faces:1.0.0", image_size=SIZE)
+    assert calls == [("faces:1.0.0", "train", None)]
+    assert (len(ds), ds.num_classes) == (2, 5)
+    image, label = ds[0]
+    assert image.shape == (SIZE, SIZE, 3) and image[0, 0, 2] == 9 and label == 4
+    assert ds[1][0].shape == (SIZE, SIZE, 3) and ds[1][1] == 1
+    with pytest.raises(RecordIOError, match="expected 112x112"):
+        open_source("tfds:faces", image_size=112)[0]
+
+
+def test_data_package_imports_neither_jax_nor_torch():
+    import subprocess
+
+    code = (
+        "import sys, jaxface.data, jaxface.data.loader, jaxface.data.pack, "
+        "jaxface.data.inspect, jaxface.data.bench; "
+        "print(sorted(m for m in ('jax', 'torch', 'flax') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
