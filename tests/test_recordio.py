@@ -371,3 +371,12 @@ def test_index_missing_a_key_the_header_promises(good):
     with pytest.raises(RecordIOError, match="no key 4") as err:
         open_recordio(rec)
     assert err.value.key == 4 and str(rec) in str(err.value)
+
+
+def test_index_with_a_duplicate_key(good):
+    rec, offsets = good
+    idx = rec.with_suffix(".idx")
+    idx.write_text(idx.read_text() + f"2\t{offsets[3]}\n")
+    with pytest.raises(RecordIOError, match="key 2 appears twice") as err:
+        open_recordio(rec)
+    assert err.value.key == 2 and str(idx) in str(err.value)

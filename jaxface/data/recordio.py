@@ -228,33 +228,46 @@ class RecordFile:
         return self._mm
 
     def _read_index(self) -> tuple[np.ndarray, np.ndarray]:
-        idx = str(self.idx_path)
+        data = self.idx_path.read_bytes()
+        # Fast path (millions of lines): every line is exactly two integers.
+        lines = data.count(b"\n") + (not data.endswith(b"\n"))
+        if data.count(b"\t") == lines:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # numpy warns, not raises, on junk
+                    flat = np.fromstring(data.decode("ascii"), np.int64, sep=" ")
+                if flat.size == 2 * lines and (flat[1::2] >= 0).all():
+                    return self._check_index(flat[0::2].copy(), flat[1::2].copy())
+            except (ValueError, UnicodeDecodeError, DeprecationWarning):
+                pass  # the line-by-line pass below finds and names the bad line
         keys, offsets = [], []
         pos = 0
-        with open(self.idx_path, "rb") as f:
-            for number, line in enumerate(f, start=1):
-                text = line.strip()
-                if text:
-                    fields = text.split(b"\t")
-                    try:
-                        key, offset = int(fields[0]), int(fields[1])
-                        if len(fields) != 2 or offset < 0:
-                            raise ValueError
-                    except (ValueError, IndexError):
-                        raise RecordIOError(
-                            f"garbled index line {number} {text[:60]!r}: expected "
-                            "'key<TAB>offset' with integers",
-                            idx,
-                            key=fields[0][:20].decode(errors="replace"),
-                            offset=pos,
-                        ) from None
-                    keys.append(key)
-                    offsets.append(offset)
-                pos += len(line)
-        if not keys:
+        idx = str(self.idx_path)
+        for number, line in enumerate(data.splitlines(keepends=True), start=1):
+            text = line.strip()
+            if text:
+                fields = text.split(b"\t")
+                try:
+                    key, offset = int(fields[0]), int(fields[1])
+                    if len(fields) != 2 or offset < 0:
+                        raise ValueError
+                except (ValueError, IndexError):
+                    raise RecordIOError(
+                        f"garbled index line {number} {text[:60]!r}: expected "
+                        "'key<TAB>offset' with integers",
+                        idx,
+                        key=fields[0][:20].decode(errors="replace"),
+                        offset=pos,
+                    ) from None
+                keys.append(key)
+                offsets.append(offset)
+            pos += len(line)
+        return self._check_index(np.asarray(keys, np.int64), np.asarray(offsets, np.int64))
+
+    def _check_index(self, keys_a: np.ndarray, offsets_a: np.ndarray):
+        idx = str(self.idx_path)
+        if not keys_a.size:
             raise RecordIOError("the index file is empty", idx, offset=0)
-        keys_a = np.asarray(keys, np.int64)
-        offsets_a = np.asarray(offsets, np.int64)
         bad = np.flatnonzero((offsets_a + 8 > self.size) | (offsets_a % 4 != 0))
         if bad.size:
             i = int(bad[0])
@@ -270,10 +283,12 @@ class RecordFile:
                 key=int(keys_a[i]),
                 offset=int(offsets_a[i]),
             )
-        if np.unique(keys_a).size != keys_a.size:
-            _, first = np.unique(keys_a, return_index=True)
-            dup = int(keys_a[np.setdiff1d(np.arange(keys_a.size), first)[0]])
-            raise RecordIOError(f"garbled index: key {dup} appears twice", idx, key=dup)
+        if not (np.diff(keys_a) > 0).all():  # sorted keys, the usual case, are unique
+            ordered = np.sort(keys_a)
+            same = np.flatnonzero(ordered[1:] == ordered[:-1])
+            if same.size:
+                dup = int(ordered[same[0]])
+                raise RecordIOError(f"garbled index: key {dup} appears twice", idx, key=dup)
         return keys_a, offsets_a
 
     def _position(self, key: int) -> int:
