@@ -151,6 +151,20 @@ def pack_folder(
     return pack_records(out_prefix, read(), quality=quality, image_size=None)
 
 
+_FACES: dict = {}
+
+
+def _synthetic_identity(args: tuple) -> list[bytes]:
+    """JPEGs of one synthetic identity (runs in a worker; SyntheticFaces kept per process)."""
+    from jaxface.data.synthetic import SyntheticFaces
+
+    faces_args, identity, count, quality = args
+    faces = _FACES.get(faces_args)
+    if faces is None:
+        faces = _FACES[faces_args] = SyntheticFaces(*faces_args)
+    return [encode_jpeg(faces.image(identity, s), quality) for s in range(count)]
+
+
 def pack_synthetic(
     out_prefix: str | Path,
     num_classes: int,
@@ -159,14 +173,29 @@ def pack_synthetic(
     noise: float = 0.35,
     jitter: int = 4,
     quality: int = 95,
+    workers: int | None = None,
 ) -> PackSummary:
     """Pack SyntheticFaces: image (c, s) for c < num_classes, s < images_per_class, class
-    major. Held-out synthetic samples (s >= images_per_class) stay out of the file."""
-    from jaxface.data.synthetic import SyntheticFaces
+    major. Held-out synthetic samples (s >= images_per_class) stay out of the file.
+    Drawing an image costs more than encoding it, so identities are drawn by `workers`
+    processes (default: one per core; 0 = in this process). The bytes do not depend on it."""
+    faces_args = (num_classes, seed, noise, jitter)
+    jobs = [(faces_args, c, images_per_class, quality) for c in range(num_classes)]
+    workers = (os.cpu_count() or 1) if workers is None else workers
 
-    faces = SyntheticFaces(num_classes, seed, noise, jitter)
-    items = ((faces.image(c, s), c) for c in range(num_classes) for s in range(images_per_class))
-    return pack_records(out_prefix, items, quality=quality, image_size=faces.image_size)
+    def items(encoded_identities):
+        for c, jpegs in enumerate(encoded_identities):
+            for jpeg in jpegs:
+                yield jpeg, c
+
+    if workers <= 1 or num_classes < 2 * workers:
+        return pack_records(out_prefix, items(map(_synthetic_identity, jobs)), image_size=None)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
+        encoded = pool.map(_synthetic_identity, jobs, chunksize=4)
+        return pack_records(out_prefix, items(encoded), image_size=None)
 
 
 def ensure_synthetic(
