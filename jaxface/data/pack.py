@@ -206,6 +206,7 @@ def ensure_synthetic(
     noise: float = 0.35,
     jitter: int = 4,
     quality: int = 95,
+    workers: int | None = None,
 ) -> Path:
     """Path of `OUT_PREFIX.rec`, packed by pack_synthetic unless a pack with the same
     parameters is already there (recorded in `OUT_PREFIX.json`). Writes go to temporary
@@ -229,7 +230,9 @@ def ensure_synthetic(
         except ValueError:
             pass  # a damaged stamp: pack again
     tmp = prefix.with_name(f"{prefix.name}.tmp{os.getpid()}")
-    summary = pack_synthetic(tmp, num_classes, images_per_class, seed, noise, jitter, quality)
+    summary = pack_synthetic(
+        tmp, num_classes, images_per_class, seed, noise, jitter, quality, workers
+    )
     stamp.unlink(missing_ok=True)
     os.replace(summary.idx, idx)
     os.replace(summary.rec, rec)
