@@ -281,3 +281,20 @@ def test_data_package_imports_neither_jax_nor_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+class Dying(Tagged):
+    """Kills the worker process that loads image 5."""
+
+    def __getitem__(self, i):
+        if i == 5:
+            import os
+
+            os._exit(3)
+        return super().__getitem__(i)
+
+
+def test_a_dead_worker_fails_the_batch_instead_of_hanging():
+    ld = HostLoader(Dying(24), 24, image_size=SIZE, workers=1)
+    with ld, pytest.raises(RuntimeError, match="decode worker died while loading step 0"):
+        ld.batch(0)

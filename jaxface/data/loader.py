@@ -22,6 +22,7 @@ import warnings
 import weakref
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import wait as wait_all
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -253,7 +254,13 @@ class HostLoader:
         for s in window:
             if s not in self._pending:
                 self._submit(s)
-        results = [task.result() for task in self._pending.pop(step)]
+        try:
+            results = [task.result() for task in self._pending.pop(step)]
+        except BrokenProcessPool as exc:
+            raise RuntimeError(
+                f"a decode worker died while loading step {step} (killed for memory? a crash "
+                "in the image decoder?); fewer workers or a smaller prefetch use less memory"
+            ) from exc
         for _, skipped in results:
             self._note_skipped(skipped)
         labels = np.concatenate([labels for labels, _ in results])
