@@ -133,7 +133,7 @@ def test_augmentation_changes_images_deterministically():
 
 @pytest.fixture(scope="module")
 def small_rec(tmp_path_factory):
-    return pack_synthetic(tmp_path_factory.mktemp("rec") / "train", 5, 8, seed=0).rec
+    return pack_synthetic(tmp_path_factory.mktemp("rec") / "train", 5, 8, seed=0, workers=0).rec
 
 
 def test_workers_give_the_same_batches_in_any_order(small_rec):
