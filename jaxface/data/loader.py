@@ -1,0 +1,330 @@
+"""Host loader: this process's rows of global batch `step`, decoded by worker processes.
+
+`batch(step)` is a pure function of (source, seed, global_batch, step): the sample order is
+a seeded permutation per epoch, the last partial global batch of every epoch is dropped,
+and process p of P gets rows [p * rows, (p + 1) * rows) with rows = global_batch / P. So
+across processes every sample of an epoch's kept part appears exactly once, and a run
+resumed at step s continues with exactly batch s (the position is the step; `state_dict`
+records it with the facts that must match on restore).
+
+Workers (spawned, never forked: the main process may hold jax's threads) read and decode
+straight into a shared-memory ring of `prefetch + 1` batches; only labels and skip reports
+travel back through pipes. No jax import here.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import threading
+import warnings
+import weakref
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import wait as wait_all
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+
+from jaxface.data import augment as aug
+from jaxface.data.recordio import RecordIOError, RecordIOWarning
+from jaxface.data.sources import ImageSource
+
+_ORDER_STREAM = 0x0D3
+_MAX_SKIPS = 64  # consecutive bad records tolerated before giving up on skip_corrupt
+
+
+def _load(source, index: int, skip_corrupt: bool, skipped: list) -> tuple[np.ndarray, int]:
+    """Sample `index`; with skip_corrupt a bad record is replaced by the next good one in
+    index order (deterministic, so a resumed run still sees the same batches)."""
+    n = len(source)
+    for attempt in range(_MAX_SKIPS + 1):
+        j = (index + attempt) % n
+        try:
+            return source[j]
+        except RecordIOError as exc:
+            if not skip_corrupt:
+                raise
+            skipped.append((j, str(exc)))
+    raise RecordIOError(
+        f"{_MAX_SKIPS + 1} consecutive bad records from image index {index}: giving up "
+        "(skip_corrupt tolerates isolated bad records, not a broken file)"
+    )
+
+
+def _fill(source, out, row0, indices, params, skip_corrupt, image_size):
+    """Decode `indices` into out[row0 : row0 + len]; returns (labels, skipped)."""
+    labels = np.empty(len(indices), np.int32)
+    skipped: list = []
+    for r, index in enumerate(indices):
+        image, label = _load(source, int(index), skip_corrupt, skipped)
+        if image.shape != (image_size, image_size, 3):
+            raise RecordIOError(
+                f"source gave an image of shape {image.shape}, expected "
+                f"({image_size}, {image_size}, 3)",
+                key=int(index),
+            )
+        aug.apply(image, params, r, out[row0 + r])
+        labels[r] = label
+    return labels, skipped
+
+
+def _make_ring_file(size: int) -> str:
+    """A file of `size` bytes for the shared ring: in /dev/shm when it has room (a Docker
+    default is 64 MB, and writing past a full tmpfs kills the writer with SIGBUS, so the
+    space is reserved up front), else in the temporary folder (page cache, nearly as fast)."""
+    for folder in ("/dev/shm", None):
+        if folder and not os.path.isdir(folder):
+            continue
+        fd, path = tempfile.mkstemp(prefix="jaxface-ring-", dir=folder)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:  # macOS: no reservation, but no small tmpfs either
+                os.ftruncate(fd, size)
+            return path
+        except OSError:
+            os.unlink(path)
+            if folder is None:
+                raise
+        finally:
+            os.close(fd)
+    raise AssertionError("unreachable")
+
+
+# --- Worker side: state set once per process by the pool initializer. ---
+_WORKER: dict = {}
+
+
+def _worker_init(source, ring_path: str, ring_shape: tuple, skip_corrupt: bool, size: int):
+    _WORKER.update(
+        source=source,
+        ring=np.memmap(ring_path, np.uint8, "r+", shape=ring_shape),
+        skip_corrupt=skip_corrupt,
+        size=size,
+    )
+
+
+def _worker_task(slot: int, row0: int, indices: np.ndarray, params: dict):
+    w = _WORKER
+    return _fill(w["source"], w["ring"][slot], row0, indices, params, w["skip_corrupt"], w["size"])
+
+
+class HostLoader:
+    """`batch(step) -> (uint8 [rows, S, S, 3], int32 [rows])` for this process's rows.
+
+    workers=0 decodes in the calling thread; workers=N uses N spawned processes and keeps
+    `prefetch` batches in flight ahead of the last one asked for. Iterating yields batches
+    from `self.step` on and advances it.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        global_batch: int,
+        *,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        workers: int = 0,
+        prefetch: int = 2,
+        flip: bool = True,
+        augment: bool = False,
+        skip_corrupt: bool = False,
+        image_size: int = 112,
+        chunk: int = 32,
+    ):
+        if global_batch % process_count:
+            raise ValueError(
+                f"global batch {global_batch} is not divisible by {process_count} processes"
+            )
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+        self.source = source
+        self.num_samples = len(source)
+        self.num_classes = source.num_classes
+        self.global_batch = global_batch
+        self.steps_per_epoch = self.num_samples // global_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"the source has {self.num_samples} images, fewer than one global batch "
+                f"({global_batch})"
+            )
+        self.seed = seed
+        self.rows = global_batch // process_count
+        self.row_start = process_index * self.rows
+        self.flip, self.augment, self.skip_corrupt = flip, augment, skip_corrupt
+        self.image_size = image_size
+        self.workers, self.prefetch, self.chunk = workers, max(0, prefetch), max(1, chunk)
+        self.step = 0
+        self.skipped: dict[int, str] = {}  # image index -> why, every bad record seen
+        self._orders: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._pool = None
+        self._pending: dict[int, list] = {}
+        self._ring = None
+        self._ring_path: str | None = None
+
+    # --- Order -------------------------------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The permutation of sample indices for `epoch` (same on every process)."""
+        order = self._orders.get(epoch)
+        if order is None:
+            rng = np.random.default_rng([self.seed, _ORDER_STREAM, epoch])
+            order = rng.permutation(self.num_samples)
+            # Two epochs suffice: the current one and the next one prefetch reaches into.
+            if len(self._orders) >= 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = order
+        return order
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Sample indices of the whole global batch `step`."""
+        if step < 0:
+            raise ValueError(f"step {step} < 0")
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.global_batch
+        return self.epoch_order(epoch)[start : start + self.global_batch]
+
+    def indices(self, step: int) -> np.ndarray:
+        """Sample indices of this process's rows of global batch `step`."""
+        return self.global_indices(step)[self.row_start : self.row_start + self.rows]
+
+    def _params(self, step: int) -> dict:
+        params = aug.draw_params(self.seed, step, self.global_batch, self.augment, self.flip)
+        return aug.slice_params(params, self.row_start, self.row_start + self.rows)
+
+    # --- Batches -----------------------------------------------------------------------
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images [rows, S, S, 3] and int32 labels [rows] of global batch `step`."""
+        with self._lock:
+            if self.workers <= 0:
+                shape = (self.rows, self.image_size, self.image_size, 3)
+                images = np.empty(shape, np.uint8)
+                labels, skipped = _fill(
+                    self.source,
+                    images,
+                    0,
+                    self.indices(step),
+                    self._params(step),
+                    self.skip_corrupt,
+                    self.image_size,
+                )
+                self._note_skipped(skipped)
+                return images, labels
+            return self._batch_from_workers(step)
+
+    def _start_pool(self) -> None:
+        slots = self.prefetch + 1
+        shape = (slots, self.rows, self.image_size, self.image_size, 3)
+        self._ring_path = _make_ring_file(int(np.prod(shape)))
+        # Removed at close(), or when the loader is collected, or at exit.
+        self._ring_cleanup = weakref.finalize(self, Path(self._ring_path).unlink, missing_ok=True)
+        self._ring = np.memmap(self._ring_path, np.uint8, "r+", shape=shape)
+        # An executor, not multiprocessing.Pool: a worker that dies (out of memory, a
+        # crash in a decoder) fails the pending batches instead of hanging them forever.
+        self._pool = ProcessPoolExecutor(
+            self.workers,
+            multiprocessing.get_context("spawn"),
+            _worker_init,
+            (self.source, self._ring_path, shape, self.skip_corrupt, self.image_size),
+        )
+
+    def _submit(self, step: int) -> None:
+        slot = step % (self.prefetch + 1)
+        indices, params = self.indices(step), self._params(step)
+        tasks = []
+        for row0 in range(0, self.rows, self.chunk):
+            row1 = min(row0 + self.chunk, self.rows)
+            args = (slot, row0, indices[row0:row1], aug.slice_params(params, row0, row1))
+            tasks.append(self._pool.submit(_worker_task, *args))
+        self._pending[step] = tasks
+
+    def _batch_from_workers(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._pool is None:
+            self._start_pool()
+        window = range(step, step + self.prefetch + 1)
+        # Slots are step % (prefetch + 1): only a window of consecutive steps may be in
+        # flight, so finish (and drop) anything outside it before reusing its slot.
+        for other in [s for s in self._pending if s not in window]:
+            wait_all(self._pending.pop(other))
+        for s in window:
+            if s not in self._pending:
+                self._submit(s)
+        try:
+            results = [task.result() for task in self._pending.pop(step)]
+        except BrokenProcessPool as exc:
+            raise RuntimeError(
+                f"a decode worker died while loading step {step} (killed for memory? a crash "
+                "in the image decoder?); fewer workers or a smaller prefetch use less memory"
+            ) from exc
+        for _, skipped in results:
+            self._note_skipped(skipped)
+        labels = np.concatenate([labels for labels, _ in results])
+        images = np.array(self._ring[step % (self.prefetch + 1)])
+        return images, labels
+
+    def _note_skipped(self, skipped: list) -> None:
+        for index, why in skipped:
+            if index not in self.skipped:
+                self.skipped[index] = why
+                warnings.warn(f"skipped corrupt record: {why}", RecordIOWarning, stacklevel=4)
+
+    def report(self) -> str:
+        """One line per skipped record (empty when none)."""
+        if not self.skipped:
+            return ""
+        lines = [f"skip_corrupt: {len(self.skipped)} bad record(s) skipped and replaced:"]
+        lines += [f"  image {i}: {why}" for i, why in sorted(self.skipped.items())]
+        return "\n".join(lines)
+
+    # --- Position ----------------------------------------------------------------------
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = self.batch(self.step)
+        self.step += 1
+        return images, labels
+
+    def state_dict(self) -> dict:
+        """The position (next step) and what must match for it to mean the same batches."""
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "global_batch": self.global_batch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "num_samples", "global_batch"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"loader state has {key}={state[key]} but this loader has "
+                    f"{getattr(self, key)}: the saved position would name different batches"
+                )
+        self.step = int(state["step"])
+
+    def close(self) -> None:
+        """Stop the workers, free the ring and print the skip report, if any."""
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+            self._pending.clear()
+            self._ring = None
+            if self._ring_path is not None:
+                self._ring_cleanup()
+                self._ring_path = None
+        if self.skipped:
+            warnings.warn(self.report(), RecordIOWarning, stacklevel=2)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
