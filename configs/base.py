@@ -31,7 +31,14 @@ def get_config() -> dict:
         warmup_epoch=0,
         lr_power=1.0,  # polynomial decay to 0 after warm-up
         # Data.
-        rec="synthetic",  # "synthetic", or the folder holding train.rec / train.idx
+        # "synthetic" (drawn in memory), a folder holding train.rec/train.idx, a .rec file,
+        # an image folder (one sub-folder per identity) or "tfds:NAME".
+        rec="synthetic",
+        pack_synthetic=False,  # true: pack the synthetic identities into `rec` on first use
+        num_workers=2,  # decoding processes of the host loader (0: decode in the trainer)
+        flip=True,  # random horizontal flip, as arcface_torch
+        augment=False,  # arcface_torch's DALI-style set: downscale, blur, colour, grayscale
+        skip_corrupt=False,  # skip (and report) bad records instead of stopping
         num_classes=1000,
         num_image=100_000,
         batch_size=128,  # per device

@@ -1,8 +1,8 @@
 """The embedded default: a tiny IResNet on 300 synthetic identities, minutes on a laptop CPU.
 
 No dataset and no GPU needed: images are drawn from per-identity templates (see
-jaxface/data/synthetic.py). The loss falls from about 30 to under 5, and held-out pairs of
-one identity end up far closer than pairs of two.
+jaxface/data/synthetic.py) and packed into a RecordIO file on first use. The loss falls
+from about 24 to under 1, and a verification set of held-out pairs scores far above chance.
 """
 
 from configs.base import get_config as base_config
@@ -18,7 +18,10 @@ def get_config() -> dict:
         lr=0.1,
         warmup_epoch=0.1,
         batch_size=64,
-        rec="synthetic",
+        # Packed into RecordIO by jaxface.data.pack on first use (about 180 MB), so the demo
+        # reads through the same RecordIO loader as a real job.
+        rec="work_dirs/demo_data/train",
+        pack_synthetic=True,
         num_classes=300,
         num_image=300 * 40,
         num_epoch=1,

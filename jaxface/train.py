@@ -60,8 +60,11 @@ def _val_paths(cfg, out: Path, stream) -> list[Path]:
     paths = []
     for target in cfg.val_targets:
         if target == "synthetic":
-            if cfg.rec != "synthetic":
-                raise ConfigError(f"{cfg.source}: val target 'synthetic' needs rec='synthetic'")
+            if cfg.rec != "synthetic" and not cfg.pack_synthetic:
+                raise ConfigError(
+                    f"{cfg.source}: val target 'synthetic' needs synthetic training data "
+                    "(rec='synthetic' or pack_synthetic=true)"
+                )
             path = out / "synthetic.bin"
             if not path.exists():
                 write_synthetic_bin(path, stream, SYNTHETIC_VAL_PAIRS)
@@ -120,20 +123,18 @@ def train(cfg) -> dict:
     is_main = jax.process_index() == 0
     out = _prepare_output(cfg, derived, is_main)
 
-    # --- Input.
-    if cfg.rec != "synthetic":
-        raise ConfigError(
-            f"{cfg.source}: config key 'rec'={cfg.rec!r}: reading RecordIO datasets is not built "
-            "yet (it is the data-pipeline issue); train on synthetic identities with "
-            "--config.rec=synthetic"
-        )
-    faces = SyntheticFaces(cfg.num_classes, cfg.seed, cfg.synthetic_noise, cfg.synthetic_jitter)
-    stream = SyntheticStream(faces, cfg.num_image, derived.global_batch, cfg.seed)
-    rows = derived.global_batch // jax.process_count()
-    row_start = jax.process_index() * rows
+    # --- Input: this process's rows of each global batch, a pure function of the step.
+    stream = SyntheticStream(
+        SyntheticFaces(cfg.num_classes, cfg.seed, cfg.synthetic_noise, cfg.synthetic_jitter),
+        cfg.num_image,
+        derived.global_batch,
+        cfg.seed,
+    )
+    loader = _make_loader(cfg, derived, is_main)
     try:
         val_paths = _val_paths(cfg, out, stream)
     except VerificationSetError as exc:
+        loader.close()
         raise TrainingError(str(exc)) from None
 
     # --- Model, head, optimizer.
@@ -244,7 +245,7 @@ def train(cfg) -> dict:
 
     # --- Loop. Metrics stay on the device until a log step fetches them all at once.
     feed = DeviceFeed(
-        lambda step: _step_batch(stream, step, cfg.gradient_acc, row_start, rows),
+        lambda step: _step_batch(loader, step, cfg.gradient_acc),
         batch_sharding(mesh) if cfg.gradient_acc == 1 else micro_batch_sharding(mesh),
         start=start_step,
         stop=derived.run_steps,
@@ -285,6 +286,7 @@ def train(cfg) -> dict:
         raise
     finally:
         feed.close()
+        loader.close()
         progress.close()
         checkpointer.close()
         log.close()
@@ -339,15 +341,66 @@ def _init_backbone_from(cfg, state, shardings):
     )
 
 
-def _step_batch(stream, step: int, grad_accum: int, row_start: int, rows: int):
+def _make_loader(cfg, derived, is_main: bool):
+    """The host loader over cfg.rec: RecordIO, image folder, TFDS or in-memory synthetic."""
+    import jax
+
+    from jaxface.config import ConfigError
+    from jaxface.data import HostLoader, RecordIOError, SyntheticDataset, open_source
+    from jaxface.data.pack import ensure_synthetic
+
+    if cfg.rec == "synthetic":
+        source = SyntheticDataset(
+            cfg.num_classes, cfg.num_image, cfg.seed, cfg.synthetic_noise, cfg.synthetic_jitter
+        )
+    else:
+        if cfg.pack_synthetic and is_main:
+            # Held-out samples (numbers >= num_image // C) stay out of the file.
+            ensure_synthetic(
+                cfg.rec,
+                cfg.num_classes,
+                cfg.num_image // cfg.num_classes,
+                cfg.seed,
+                cfg.synthetic_noise,
+                cfg.synthetic_jitter,
+                workers=cfg.num_workers or None,
+            )
+        if cfg.pack_synthetic and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("synthetic pack written")
+        try:
+            source = open_source(cfg.rec, num_classes=cfg.num_classes)
+        except (RecordIOError, OSError, ValueError) as exc:
+            raise ConfigError(f"{cfg.source}: config key 'rec'={cfg.rec!r}: {exc}") from None
+        if source.num_classes > cfg.num_classes:
+            raise ConfigError(
+                f"{cfg.source}: config key 'num_classes'={cfg.num_classes}, but {cfg.rec} has "
+                f"{source.num_classes} identities"
+            )
+    try:
+        return HostLoader(
+            source,
+            derived.global_batch,
+            seed=cfg.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            workers=cfg.num_workers,
+            flip=cfg.flip,
+            augment=cfg.augment,
+            skip_corrupt=cfg.skip_corrupt,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.source}: config key 'rec'={cfg.rec!r}: {exc}") from None
+
+
+def _step_batch(loader, step: int, grad_accum: int):
     """This process's rows of optimizer step `step`: one batch, or [k, rows, ...] for k > 1."""
     import numpy as np
 
     if grad_accum == 1:
-        return stream.batch(step, row_start, row_start + rows)
-    micro = [
-        stream.batch(step * grad_accum + i, row_start, row_start + rows) for i in range(grad_accum)
-    ]
+        return loader.batch(step)
+    micro = [loader.batch(step * grad_accum + i) for i in range(grad_accum)]
     return tuple(np.stack(parts) for parts in zip(*micro, strict=True))
 
 

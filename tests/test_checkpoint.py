@@ -23,7 +23,8 @@ def _cfg(repo, out, **overrides):
     base = dict(
         num_classes=12, num_image=4000, batch_size=4, embedding_size=32, frequent=1,
         val_targets="[]", progress="plain", output=str(out), warmup_epoch=0, lr=0.1,
-        checkpoint_every=3, tensorboard=False,
+        checkpoint_every=3, tensorboard=False, rec="synthetic", pack_synthetic=False,
+        num_workers=0,
     )  # fmt: skip
     base.update(overrides)
     return load_config(repo / "configs/demo.py", {k: str(v) for k, v in base.items()})

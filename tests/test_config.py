@@ -30,7 +30,7 @@ def test_job_configs(repo, job):
 
 def test_demo_config(repo):
     cfg = load_config(repo / "configs/demo.py")
-    assert cfg.rec == "synthetic" and cfg.network == "iresnet_tiny"
+    assert cfg.pack_synthetic and cfg.network == "iresnet_tiny"
 
 
 def test_config_files_import_neither_jax_nor_torch(repo):
@@ -168,7 +168,7 @@ def test_validate_plain_dict():
         (["--config", "configs/r50.py", "--config.margin_list=1,3,0"], "m2=3.0 out of range"),
         (["--config", "configs/demo.py", "--config.global_batch_size=12"], "not divisible"),
         (["--config", "configs/demo.py", "--config.num_devices=9"], "only 8 cpu device"),
-        (["--config", "configs/r50.py", "--config.max_steps=1"], "RecordIO"),
+        (["--config", "configs/r50.py", "--config.max_steps=1"], "a folder holding train.rec"),
         (["--config", "configs/demo.py", "stray"], "unexpected argument 'stray'"),
     ],
 )

@@ -23,7 +23,8 @@ def _free_port() -> int:
 def _args(out, extra=()):
     values = dict(num_classes=12, num_image=4000, batch_size=2, embedding_size=16, frequent=1,
                   val_targets="[]", progress="plain", output=str(out), warmup_epoch=0,
-                  max_steps=STEPS, tensorboard="false", checkpoint_every=0)  # fmt: skip
+                  max_steps=STEPS, tensorboard="false", checkpoint_every=0, rec="synthetic",
+                  pack_synthetic="false", num_workers=0)  # fmt: skip
     return ["--config", "configs/demo.py", *[f"--config.{k}={v}" for k, v in values.items()],
             *extra]  # fmt: skip
 

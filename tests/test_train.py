@@ -15,7 +15,7 @@ def _cfg(repo, tmp_path, **overrides):
     base = dict(
         num_classes=12, num_image=4000, batch_size=4, embedding_size=32, frequent=1,
         val_targets="[]", progress="plain", tensorboard=False, output=str(tmp_path / "run"),
-        warmup_epoch=0, lr=0.1,
+        warmup_epoch=0, lr=0.1, rec="synthetic", pack_synthetic=False, num_workers=0,
     )  # fmt: skip
     base.update(overrides)
     return load_config(repo / "configs/demo.py", {k: str(v) for k, v in base.items()})
