@@ -136,3 +136,26 @@ def test_export_eval_plot_and_tensorboard(repo, tmp_path, capsys, small_val_bin)
     png = (out / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert any(f.name.startswith("events.out.tfevents") for f in (out / "tensorboard").iterdir())
+
+
+def test_init_from_a_torch_backbone(repo, tmp_path):
+    torch = pytest.importorskip("torch")
+    from jaxface.convert import torch_to_flax
+    from torchref import get_model
+
+    net = get_model("iresnet_tiny", num_features=32)  # arcface_torch's name for it
+    path = tmp_path / "model.pt"
+    torch.save(net.state_dict(), path)
+    cfg = _cfg(repo, tmp_path / "ft", max_steps=1, init_from=str(path), lr=1e-9,
+               weight_decay=0, checkpoint_every=0)  # fmt: skip
+    state = jax.device_get(train(cfg)["state"])
+    expected, _ = torch_to_flax({k: v.numpy() for k, v in net.state_dict().items()},
+                                "iresnet_tiny", 32)  # fmt: skip
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state.params["backbone"]),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)  # one step at lr 1e-9
+    bad = _cfg(repo, tmp_path / "bad", max_steps=1, init_from=str(path), network="r18")
+    from jaxface.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'init_from'="):
+        train(bad)
