@@ -86,19 +86,24 @@ def embed(weights: str, network: str | None, images: np.ndarray, batch_size: int
     return np.concatenate(chunks).astype(np.float32)
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli_main(prog: str, embed_fn, argv: list[str] | None) -> int:
+    """The shared command line of jaxface.infer and torchref.infer."""
     from jaxface.convert import ConvertError
 
-    args = build_parser("python -m jaxface.infer").parse_args(argv)
+    args = build_parser(f"python -m {prog}").parse_args(argv)
     try:
         images = read_inputs(args)
-        emb = embed(args.weights, args.network, images, args.batch_size)
+        emb = embed_fn(args.weights, args.network, images, args.batch_size)
     except (InferError, ConvertError) as exc:
-        print(f"jaxface.infer: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     np.save(Path(args.out), emb)
     print(f"{len(emb)} embeddings of size {emb.shape[1]} -> {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main("jaxface.infer", embed, argv)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,12 @@ computed by the PyTorch reference (eval mode, float32, TF32 off)."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from jaxface.convert import ConvertError, flax_to_torch, is_torch_file, load_backbone
-from jaxface.infer import InferError, build_parser, read_inputs
+from jaxface.convert import flax_to_torch, is_torch_file, load_backbone
+from jaxface.infer import cli_main
 from torchref.engine import set_matmul_precision
 from torchref.iresnet import IResNet, get_model, normalize_images
 
@@ -41,16 +40,7 @@ def embed(weights: str, network: str | None, images: np.ndarray, batch_size: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser("python -m torchref.infer").parse_args(argv)
-    try:
-        images = read_inputs(args)
-        emb = embed(args.weights, args.network, images, args.batch_size)
-    except (InferError, ConvertError) as exc:
-        print(f"torchref.infer: error: {exc}", file=sys.stderr)
-        return 2
-    np.save(Path(args.out), emb)
-    print(f"{len(emb)} embeddings of size {emb.shape[1]} -> {args.out}")
-    return 0
+    return cli_main("torchref.infer", embed, argv)
 
 
 if __name__ == "__main__":
