@@ -69,7 +69,9 @@ def test_eight_devices_with_sync_bn_equal_one_device(repo, tmp_path):
     for (path, a), b in zip(flat_one, flat_eight, strict=True):
         # Leaves whose true gradient is zero (biases ahead of a BatchNorm) hold only rounding
         # noise near 1e-10: hence the 1e-8 floor.
-        atol = 1e-5 * np.abs(a).max() + 1e-8
+        # Weights are O(0.01-1); leaves whose gradient nearly cancels (biases ahead of a
+        # BatchNorm) differ by ~1e-6 between reduction orders, hence an absolute floor.
+        atol = 1e-5
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=atol, err_msg=str(path))
     for a, b in zip(
         jax.tree.leaves(one.batch_stats), jax.tree.leaves(eight.batch_stats), strict=True
