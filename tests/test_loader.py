@@ -147,6 +147,28 @@ def test_workers_give_the_same_batches_in_any_order(small_rec):
             np.testing.assert_array_equal(got[1], want[1])
 
 
+def test_default_chunk_is_one_task_per_worker(small_rec):
+    source = open_source(small_rec)
+    assert HostLoader(source, 8, workers=2).chunk == 4
+    assert HostLoader(source, 8, workers=3).chunk == 3
+    assert HostLoader(source, 8, workers=0).chunk == 8
+
+
+def test_bench_reports_alternating_rounds_and_a_verdict(small_rec, capsys):
+    from jaxface.data import bench
+
+    args = ["--rec", str(small_rec), "--workers", "1", "--batch", "8"]
+    assert bench.main([*args, "--seconds", "0.2", "--rounds", "3", "--prefetch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert [line[:8] for line in out.splitlines() if line.startswith("round ")] == [
+        "round 1:",
+        "round 2:",
+        "round 3:",
+    ]
+    assert "median round: loader" in out and "the 80 % goal)" in out
+    assert "images per core-second" in out
+
+
 def make_rec_with_a_bad_record(tmp_path):
     rng = np.random.default_rng(0)
     pngs = [encode_png(rng.integers(0, 255, (112, 112, 3), np.uint8)) for _ in range(7)]

@@ -113,6 +113,30 @@ def test_headerless_im2rec_with_multi_float_labels(tmp_path):
     assert [ds.offset(i) for i in range(3)] == offsets
 
 
+def test_plain_record_fast_path_agrees_with_the_general_reader(tmp_path):
+    # Flag-0 one-part records go through read_plain; multi-float labels, split records and
+    # bad labels must not, and every path must give the same (image, label).
+    pngs = [encode_png(image(i)) for i in range(4)]
+    with RecordIOWriter(tmp_path / "m.rec") as w:
+        w.write(0, pack_payload(1, pngs[0]))
+        w.write(1, pack_payload([0.0, 3.5], pngs[1]))
+        w.write(2, pack_payload(1.5, pngs[2]))  # not an integer class
+        w.write(3, pack_payload(0, b"\x0a\x23\xd7\xce" * 2 + pngs[3]))  # split at a magic
+    records = RecordFile(tmp_path / "m.rec")
+    assert records.read_plain(0) == (1.0, pngs[0])
+    assert records.read_plain(1) is None and records.read_plain(3) is None
+    assert records.read_plain(99) is None
+    ds = open_recordio(tmp_path / "m.rec")
+    for i in (0, 1):
+        img, label = ds[i]
+        assert label == ds.raw(i)[0]
+        np.testing.assert_array_equal(img, image(i))
+    with pytest.raises(RecordIOError, match="label 1.5 is outside"):
+        ds[2]
+    with pytest.raises(RecordIOError, match="not a decodable image"):
+        ds[3]  # reassembled by the general path: the magic word is back inside the payload
+
+
 def test_continuation_records_split_like_dmlc(tmp_path):
     magic = struct.pack("<I", MAGIC)
     # The magic word at aligned offsets 8 and 16 splits the payload (the word is dropped);
@@ -271,6 +295,35 @@ def test_image_of_wrong_size(tmp_path):
         open_recordio(rec)[0]
     assert_names(err, rec, 0, offsets[0])
     assert open_recordio(rec, image_size=None)[0][0].shape == (96, 96, 3)
+
+
+@pytest.mark.parametrize("encode", [encode_jpeg, encode_png])
+@pytest.mark.parametrize("have_simplejpeg", [True, False])
+def test_read_into_decodes_in_place_with_the_same_checks(
+    tmp_path, monkeypatch, encode, have_simplejpeg
+):
+    from jaxface.data import decode
+
+    if not have_simplejpeg:
+        monkeypatch.setattr(decode, "simplejpeg", None)
+    elif decode.simplejpeg is None:
+        pytest.skip("simplejpeg not installed")
+    records = [
+        (0, ir(0, 1.0, 0, image=encode(image(5)))),
+        (1, ir(0, 0.0, 1, image=encode(image(0, 96)))),
+        (2, ir(0, 0.0, 2, image=b"\xff\xd8 a JPEG marker, then nothing")),
+    ]
+    rec, _, offsets = write_raw(tmp_path, records)
+    ds = open_recordio(rec)
+    out = np.zeros((112, 112, 3), np.uint8)
+    assert ds.read_into(0, out) == 1
+    np.testing.assert_array_equal(out, ds[0][0])
+    with pytest.raises(RecordIOError, match="96x96, expected 112x112") as err:
+        ds.read_into(1, out)
+    assert_names(err, rec, 1, offsets[1])
+    with pytest.raises(RecordIOError, match="not a decodable image") as err:
+        ds.read_into(2, out)
+    assert_names(err, rec, 2, offsets[2])
 
 
 @pytest.mark.parametrize("bad_label", [2.0, -1.0, 0.5])

@@ -59,13 +59,15 @@ def _colour_matrix(hue: float, saturation: float) -> np.ndarray:
 
 
 def apply(image: np.ndarray, params: dict, row: int, out: np.ndarray) -> None:
-    """Augment one uint8 [H, W, 3] image with row `row` of `params`, into `out`."""
+    """Augment one uint8 [H, W, 3] image with row `row` of `params`, into `out` (which may
+    be the image itself)."""
     if "downscale" in params:
         image = _augment(image, params, row)
     if not params["flip"][row]:
-        out[...] = image
+        if image is not out:
+            out[...] = image
     elif cv2 is not None:
-        cv2.flip(image, 1, dst=out)  # 40x faster than numpy's strided [:, ::-1] copy
+        cv2.flip(image, 1, dst=out)  # 40x faster than numpy's [:, ::-1] copy; in place works
     else:
         out[...] = image[:, ::-1]
 

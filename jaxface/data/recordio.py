@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxface.data.decode import DecodeError, decode_image
+from jaxface.data.decode import DecodeError, decode_image, decode_into
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -36,6 +36,7 @@ IR_FORMAT = "<IfQQ"
 _IR = struct.Struct(IR_FORMAT)
 IR_SIZE = _IR.size  # 24
 _LEN_MASK = (1 << 29) - 1
+_LREC_IR = struct.Struct("<II" + IR_FORMAT.lstrip("<"))  # record header + IRHeader at once
 MAX_PAYLOAD = 1 << 29
 
 
@@ -361,6 +362,22 @@ class RecordFile:
     def read(self, key: int) -> bytes:
         return self.read_at(self.offset(key), key)[0]
 
+    def read_plain(self, key: int) -> tuple[float, bytes] | None:
+        """(header label, image bytes) of a one-part record with flag 0 (nearly every image
+        record) in one struct read; None for anything else, which `unpack` then reads, and
+        names the fault of. Saves a third of the loader's per-image Python time."""
+        i = self._position(key)
+        if i < 0:
+            return None
+        offset = int(self.offsets[i])
+        if offset + 8 + IR_SIZE > self.size:
+            return None
+        magic, lrec, flag, label, _, _ = _LREC_IR.unpack_from(self.mm, offset)
+        end = offset + 8 + (lrec & _LEN_MASK)
+        if magic != MAGIC or lrec >> 29 or flag or end > self.size or end < offset + 8 + IR_SIZE:
+            return None
+        return label, self.mm[offset + 8 + IR_SIZE : end]
+
     def read_label_prefix(self, key: int) -> tuple[np.ndarray, int]:
         """Labels of a record without touching its image: (float32 labels, image length)."""
         offset = self.offset(key)
@@ -566,12 +583,34 @@ class RecordIODataset:
             )
         return array
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+    def _encoded(self, i: int) -> tuple[int, bytes]:
+        """(class, image bytes) of image i: one struct read for a plain record, the general
+        reader (which also names any fault) for everything else."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"image {i} out of range for {len(self)} images")
         i %= len(self)
-        label, image = self.raw(i)
-        return self.decode(i, image), label
+        plain = self.records.read_plain(int(self.keys[i]))
+        if plain is not None:
+            value, image = plain
+            label = int(value)
+            if label == value and 0 <= label < (self._num_classes or label + 1):
+                return label, image
+        return self.raw(i)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        label, image = self._encoded(i)
+        return self.decode(i % len(self), image), label
+
+    def read_into(self, i: int, out: np.ndarray) -> int:
+        """Decode image i straight into `out` (uint8 [S, S, 3], contiguous) and return its
+        class: ds[i] without the copy, with out's size as the one expected."""
+        label, image = self._encoded(i)
+        try:
+            decode_into(image, out)
+        except DecodeError as exc:
+            key = self.key(i % len(self))
+            raise RecordIOError(str(exc), str(self.path), key, self.records.offset(key)) from None
+        return label
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
         for i in range(len(self)):
