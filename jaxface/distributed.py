@@ -52,7 +52,41 @@ def initialize(cfg) -> bool:
             f"{cfg.num_processes} within {cfg.distributed_timeout} s (config keys "
             f"'coordinator_address', 'num_processes', 'process_id'): {exc}"
         ) from None
+    if explicit:
+        _check_process_counts(cfg)
     return True
+
+
+def _check_process_counts(cfg) -> None:
+    """Every process must have been started with the coordinator's process count.
+
+    The coordinator alone decides how many processes make the run, so a process told
+    another count still joins, and the mismatch would surface as a collective that never
+    completes. Each process publishes its count in the coordinator's key-value store and
+    compares it with everyone else's before anything else runs."""
+    from jax._src import distributed as jax_distributed  # the runtime client: no public API
+
+    client = jax_distributed.global_state.client
+    me, count = jax.process_index(), jax.process_count()
+    client.key_value_set(f"jaxface/num_processes/{me}", str(cfg.num_processes))
+    timeout_ms = int(cfg.distributed_timeout * 1000)
+    for other in range(count):
+        try:
+            theirs = int(
+                client.blocking_key_value_get(f"jaxface/num_processes/{other}", timeout_ms)
+            )
+        except Exception as exc:  # noqa: BLE001 - the runtime raises its own error types
+            raise DistributedError(
+                f"process {other} did not report its config within "
+                f"{cfg.distributed_timeout} s: {exc}"
+            ) from None
+        if theirs != cfg.num_processes or count != cfg.num_processes:
+            raise DistributedError(
+                f"mismatched process counts (config key 'num_processes'): the coordinator "
+                f"at {cfg.coordinator_address} runs {count} processes, process {other} was "
+                f"started with num_processes={theirs} and this one (process {me}) with "
+                f"{cfg.num_processes}; start every process with the same count"
+            )
 
 
 def _wait_for_coordinator(address: str, timeout: float, cfg) -> None:

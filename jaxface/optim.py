@@ -4,6 +4,8 @@ SGD: clip the backbone's gradients to a global norm, add weight decay on every p
 (BatchNorm, PReLU and the class centres included), then momentum. This is torch.optim.SGD's
 order (decay is added to the gradient before the momentum buffer), so the updates match.
 AdamW: the same clipping, then decoupled weight decay as torch.optim.AdamW.
+With class sampling and SGD (and no gradient accumulation) the centres are updated by
+`SampledSGD`: the same maths without a dense gradient of the centre matrix.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxface.config import Config, Derived
+from jaxface.heads.sampled_sgd import SampledSGD
 
 
 def lr_schedule(base_lr: float, warmup_steps: int, total_steps: int, power: float = 1.0):
@@ -43,7 +46,18 @@ def make_optimizer(cfg: Config, derived: Derived):
         if cfg.grad_clip_norm > 0
         else optax.identity()
     )
-    if cfg.optimizer == "sgd":
+    if cfg.optimizer == "sgd" and derived.num_sample is not None and cfg.gradient_acc == 1:
+        # Sampling: the centres get the row update of SampledSGD (same maths, no dense
+        # gradient); the backbone the chain below without the partition.
+        backbone = optax.chain(
+            optax.clip_by_global_norm(cfg.grad_clip_norm)
+            if cfg.grad_clip_norm > 0
+            else optax.identity(),
+            optax.add_decayed_weights(cfg.weight_decay),
+            optax.sgd(schedule, momentum=cfg.momentum or None),
+        )
+        tx = SampledSGD(backbone, schedule, cfg.momentum, cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
         tx = optax.chain(
             clip,
             optax.add_decayed_weights(cfg.weight_decay),

@@ -12,6 +12,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxface.heads import Margin, init_class_centres, partial_fc_loss
+from jaxface.heads.partial_fc import gather_rows, sample_class_ids
+from jaxface.heads.sampled_sgd import SampledSGD
 from jaxface.mesh import DATA_AXIS
 from jaxface.models import IMAGE_SIZE, IResNet, normalize_images
 from jaxface.precision import LossScale, all_finite
@@ -92,8 +94,12 @@ def make_train_step(
     """
     policy = model.policy
     head_precision = policy.matmul_precision
+    sampled_sgd = isinstance(tx, SampledSGD)
+    if sampled_sgd and (num_sample is None or grad_accum != 1):
+        raise ValueError("SampledSGD needs num_sample (sample_rate < 1) and grad_accum 1")
+    num_devices = mesh.shape[DATA_AXIS]
 
-    def loss_fn(params, batch_stats, images, labels, key, scale):
+    def loss_fn(params, batch_stats, images, labels, key, scale, class_ids=None):
         dropout_key, sample_key = jax.random.split(key)
         x = normalize_images(images, policy.compute_dtype)
         variables = {"params": params["backbone"], "batch_stats": batch_stats}
@@ -115,11 +121,72 @@ def make_train_step(
             precision=head_precision,
             num_sample=num_sample,
             key=sample_key,
+            class_ids=None if class_ids is None else class_ids[0],
+            num_local=None if class_ids is None else class_ids[1],
         )
         # fp16: the backward pass runs on the scaled loss so that small gradients survive.
         return loss * scale, (loss, new_stats)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def sampled_train_step(state: TrainState, images, labels):
+        # Sample first, differentiate with respect to the sampled rows only, then update
+        # the whole matrix elementwise in place (SampledSGD): no dense [C, E] gradient.
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        scale = state.loss_scale.scale
+        centres = state.params["head"]["centres"]
+        num_local = centres.shape[0] // num_devices
+        _, sample_key = jax.random.split(step_key)  # the key loss_fn would sample with
+        class_ids = sample_class_ids(
+            labels,
+            sample_key,
+            num_classes=num_classes,
+            num_local=num_local,
+            num_sample=num_sample,
+            mesh=mesh,
+        )
+        params = {
+            "backbone": state.params["backbone"],
+            "head": {"centres": gather_rows(centres, class_ids, mesh=mesh)},
+        }
+        (_, (loss, batch_stats)), grads = grad_fn(
+            params, state.batch_stats, images, labels, step_key, scale, (class_ids, num_local)
+        )
+        grads = jax.tree.map(lambda g: g / scale, grads)
+        finite = all_finite(grads)
+        updates, backbone_opt = tx.backbone.update(
+            grads["backbone"], state.opt_state["backbone"], state.params["backbone"]
+        )
+        backbone = optax.apply_updates(state.params["backbone"], updates)
+        if policy.loss_scaling:
+            backbone, backbone_opt = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (backbone, backbone_opt),
+                (state.params["backbone"], state.opt_state["backbone"]),
+            )
+        centres, head_opt = tx.update_head(
+            centres,
+            state.opt_state["head"],
+            class_ids,
+            grads["head"]["centres"],
+            finite if policy.loss_scaling else jnp.bool_(True),
+            mesh,
+        )
+        metrics = {
+            "loss": loss,
+            "lr": schedule(state.step),
+            "backbone_grad_norm": optax.tree.norm(grads["backbone"]),
+            "loss_scale": scale,
+            "grads_finite": finite,
+        }
+        new_state = state.replace(
+            step=state.step + 1,
+            params={"backbone": backbone, "head": {"centres": centres}},
+            batch_stats=batch_stats,
+            opt_state={"backbone": backbone_opt, "head": head_opt},
+            loss_scale=state.loss_scale.update(finite) if policy.loss_scaling else state.loss_scale,
+        )
+        return new_state, metrics
 
     def train_step(state: TrainState, images, labels):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -175,7 +242,7 @@ def make_train_step(
         )
         return new_state, metrics
 
-    return train_step
+    return sampled_train_step if sampled_sgd else train_step
 
 
 def make_embed_fn(model: IResNet):

@@ -112,3 +112,30 @@ def test_process_id_must_fit(repo):
     with pytest.raises(ConfigError, match="'process_id'=2 must be < num_processes=2"):
         overrides = {"coordinator_address": "127.0.0.1:1", "num_processes": "2", "process_id": "2"}
         load_config(repo / "configs/demo.py", overrides)
+
+
+def test_mismatched_process_counts_fail_on_every_process(repo):
+    """The coordinator says 2, the other process was told 3: both stop with the reason."""
+    port = _free_port()
+    code = (
+        "import sys; from jaxface.config import load_config\n"
+        "from jaxface.distributed import initialize, DistributedError\n"
+        "n, i = sys.argv[1], sys.argv[2]\n"
+        f"cfg = load_config('configs/demo.py', {{'coordinator_address': '127.0.0.1:{port}', "
+        "'num_processes': n, 'process_id': i, 'distributed_timeout': '20'})\n"
+        "try:\n    initialize(cfg)\nexcept DistributedError as e:\n"
+        "    print('ERR', e); sys.exit(3)\n"
+    )
+    start = time.time()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, n, i], cwd=repo, env=_env(1),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for n, i in (("2", "0"), ("3", "1"))
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for proc, out in zip(procs, outs, strict=True):
+        assert proc.returncode == 3, out[-2000:]
+        assert "mismatched process counts (config key 'num_processes')" in out
+    assert "process 1 was started with num_processes=3" in outs[0]
+    assert "process 0 was started with num_processes=2" in outs[1]
+    assert time.time() - start < 90

@@ -35,3 +35,14 @@ def test_cli(repo, capsys, monkeypatch):
     assert "2 devices: per device" in out and "peak" in out
     assert main(["--config", "configs/demo.py", "--devices", "2", "--config.sample_rate=2"]) == 2
     assert "'sample_rate'=2.0 must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_sampled_head_costs_two_float32_copies_per_class(repo):
+    """SampledSGD: centres + momentum, updated in place; no dense gradient, no normalised
+    copy. Per class and device: two rows of E float32, plus the sampled 10 % (gathered
+    rows, their gradient, logits), which stays under half a row here."""
+    cfg = _cfg(repo, embedding_size=256, sample_rate=0.1)
+    small = step_memory(cfg, 2)["peak"]
+    large = step_memory(cfg.replace(num_classes=16000), 2)["peak"]
+    rows = (large - small) / ((16000 - 8000) / 2) / (256 * 4)
+    assert 2.0 <= rows < 2.5, rows

@@ -8,6 +8,7 @@ import pytest
 from jaxface.config import ConfigError, derive, load_config
 from jaxface.heads import Margin, init_class_centres, partial_fc_loss
 from jaxface.heads.partial_fc import _sample_classes
+from jaxface.heads.sampled_sgd import SampledSGD
 from jaxface.mesh import batch_sharding, class_sharding, make_mesh, micro_batch_sharding
 from jaxface.models import get_model
 from jaxface.optim import make_optimizer
@@ -110,7 +111,7 @@ def _setup(repo, precision="fp32", devices=1, **overrides):
     model = get_model(cfg.network, embedding_size=16, policy=Policy(precision, {
         "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}[precision]))  # fmt: skip
     tx, schedule = make_optimizer(cfg, derived)
-    state = jax.jit(make_init_fn(model, tx, 12, derived.num_classes_padded))(0)
+    state = jax.jit(make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded))(0)
     return cfg, mesh, model, tx, schedule, state
 
 
@@ -143,6 +144,64 @@ def test_fp16_overflow_skips_the_update_and_halves_the_scale(repo):
     assert not np.array_equal(
         jax.device_get(new.params["head"]["centres"]), before["head"]["centres"]
     )
+
+
+def _sampled_problem(repo, precision="fp32"):
+    """200 classes on 2 devices, a quarter of each block sampled: SampledSGD's setting."""
+    cfg, mesh, model, tx, schedule, state = _setup(
+        repo, precision, devices=2, num_classes=200, sample_rate=0.25
+    )
+    derived = derive(cfg, 2)
+    step = make_train_step(model, tx, schedule, Margin(), 200, mesh, num_sample=derived.num_sample)
+    return cfg, mesh, model, tx, schedule, state, derived, jax.jit(step)
+
+
+def _labels(seed):
+    return np.random.default_rng(seed).integers(0, 200, 16).astype(np.int32)
+
+
+def test_sampled_sgd_equals_the_dense_update(repo):
+    """The row update (no dense gradient) gives torch SGD's dense result: decay and momentum
+    on every row, the sampled rows' gradients on theirs."""
+    cfg, mesh, model, tx, schedule, state, derived, sampled = _sampled_problem(repo)
+    assert isinstance(tx, SampledSGD) and derived.num_sample == 25
+    dense_cfg = cfg.replace(sample_rate=1.0)
+    dense_tx, _ = make_optimizer(dense_cfg, derive(dense_cfg, 2))
+    assert not isinstance(dense_tx, SampledSGD)
+    dense_state = jax.jit(make_init_fn(model, dense_tx, 200, derived.num_classes_padded))(0)
+    dense = jax.jit(make_train_step(model, dense_tx, schedule, Margin(), 200, mesh, num_sample=25))
+    start = jax.device_get(state.params["head"]["centres"])
+    for i in range(3):
+        images, _ = _batch(16, seed=i)
+        state, m_rows = sampled(state, images, _labels(i))
+        dense_state, m_dense = dense(dense_state, images, _labels(i))
+        assert float(m_rows["loss"]) == pytest.approx(float(m_dense["loss"]), rel=1e-5)
+    assert int(state.opt_state["head"]["count"]) == 3
+    for a, b in zip(
+        jax.tree.leaves(dense_state.params), jax.tree.leaves(state.params), strict=True
+    ):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-8)  # leaves near 0: float noise
+    # Weight decay reached rows no step sampled: every real row moved.
+    centres = jax.device_get(state.params["head"]["centres"])
+    assert (np.abs(centres - start)[:200].max(axis=1) > 0).all()
+
+
+def test_sampled_sgd_overflow_leaves_centres_and_momentum(repo):
+    *_, state, _, sampled = _sampled_problem(repo, "fp16")
+    images, _ = _batch(16)
+    state = state.replace(loss_scale=LossScale(jnp.float32(3e38), jnp.int32(5)))
+    state, _ = sampled(state, images, _labels(0))  # a finite step first: momentum != 0
+    assert int(state.opt_state["head"]["count"]) == 0  # 3e38 overflowed: nothing applied
+    state = state.replace(loss_scale=LossScale(jnp.float32(64.0), jnp.int32(0)))
+    state, metrics = sampled(state, images, _labels(0))
+    assert bool(metrics["grads_finite"]) and int(state.opt_state["head"]["count"]) == 1
+    before = jax.device_get((state.params, state.opt_state))
+    state = state.replace(loss_scale=LossScale(jnp.float32(3e38), jnp.int32(5)))
+    state, metrics = sampled(state, images, _labels(1))
+    assert not bool(metrics["grads_finite"])
+    after = jax.device_get((state.params, state.opt_state))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bf16_and_fp16_track_fp32(repo):
