@@ -1,0 +1,1 @@
+"""Cross-framework throughput: jaxface against the PyTorch reference (`python -m compare`)."""

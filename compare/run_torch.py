@@ -1,0 +1,110 @@
+"""One PyTorch row: torchref's step (arcface_torch's model, Partial FC, SGD, GradScaler),
+stock or tuned, one process per device under torchrun."""
+
+from __future__ import annotations
+
+import os
+
+from compare.capability import unsupported
+from compare.timing import measure
+from compare.variants import COLUMNS
+
+
+def run(spec: dict, cfg) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from jaxface.config import derive
+    from torchref.engine import Options, build, init_distributed, train_step
+    from torchref.partial_fc import world
+
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    init_distributed(device.type)
+    rank, world_size = world()
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    capability = float("{}.{}".format(*torch.cuda.get_device_capability(device))) if cuda else None
+    info = {
+        "device": f"{world_size} x {name}",
+        "device_name": name,
+        "platform": "gpu" if cuda else "cpu",
+        "versions": {"torch": torch.__version__},
+        "rank": rank,
+    }
+    why = unsupported(spec["precision"], info["platform"], capability)
+    if why:
+        return {**info, "skipped": why}
+    compute, tf32, _, _ = COLUMNS[spec["precision"]]
+    tuned = spec["flavour"] == "tuned"
+    cfg = cfg.replace(batch_size=spec["batch"])
+    derived = derive(cfg, world_size)
+    options = Options(
+        precision=compute,
+        tf32=tf32,
+        channels_last=tuned,
+        compile=tuned and spec.get("torch_compile", False),
+        sample_rate=cfg.sample_rate,
+    )
+    ref = build(cfg, derived, options, device)
+    batches = _batches(spec, cfg, derived, device, rank, world_size)
+
+    def step():
+        images, labels = next(batches)
+        return train_step(ref, images, labels)
+
+    def sync(loss):
+        if cuda:
+            torch.cuda.synchronize(device)
+        else:
+            loss.item()
+
+    result = measure(step, sync, spec["warmup"], spec["steps"], derived.global_batch)
+    if world_size > 1:  # the slowest rank sets the pace
+        rate = torch.tensor([result["samples_per_s"], -result["ms_per_step"]], dtype=torch.float64)
+        dist.all_reduce(rate, op=dist.ReduceOp.MIN)
+        result["samples_per_s"], result["ms_per_step"] = float(rate[0]), -float(rate[1])
+    result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if cuda else None
+    result["loss"] = float(step())
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return {**info, **result}
+
+
+def _batches(spec, cfg, derived, device, rank, world_size):
+    """An endless iterator of this rank's (uint8 NHWC images, int64 labels) on `device`."""
+    import numpy as np
+    import torch
+
+    rows = derived.global_batch // world_size
+    if spec["data"] == "rec":
+        from jaxface.data.loader import HostLoader
+        from jaxface.data.sources import open_source
+
+        loader = HostLoader(
+            open_source(cfg.rec),
+            derived.global_batch,
+            seed=cfg.seed,
+            process_index=rank,
+            process_count=world_size,
+            workers=cfg.num_workers,
+            prefetch=4,
+        )
+
+        def from_loader():
+            step = 0
+            while True:
+                images, labels = loader.batch(step)
+                step += 1
+                yield (
+                    torch.from_numpy(images).to(device, non_blocking=True),
+                    torch.from_numpy(labels).long().to(device, non_blocking=True),
+                )
+
+        return from_loader()
+    rng = np.random.default_rng(cfg.seed + rank)
+    images = torch.from_numpy(rng.integers(0, 256, (rows, 112, 112, 3), np.uint8)).to(device)
+    labels = torch.from_numpy(rng.integers(0, cfg.num_classes, rows)).long().to(device)
+    return iter(lambda: (images, labels), None)

@@ -1,0 +1,97 @@
+"""compare: FLOP counts, the tool end to end at tiny sizes for both frameworks, bad input."""
+
+import json
+import sys
+
+import pytest
+
+from compare import cli
+from compare.flops import PUBLISHED_GMACS, backbone_macs, train_flops_per_image
+
+TINY = ["--config", "configs/demo.py", "--steps", "2", "--warmup", "1",
+        "--config.num_classes=20", "--config.embedding_size=16"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_GMACS))
+def test_flop_count_matches_the_published_gmacs(name):
+    assert backbone_macs(name) / 1e9 == pytest.approx(PUBLISHED_GMACS[name], rel=0.01)
+
+
+def test_training_flops_of_r50_as_reference_md():
+    # REFERENCE.md: 37.9 GFLOP backbone + 1.9 GFLOP head per image = 39.8.
+    assert train_flops_per_image("r50", 617_970) / 1e9 == pytest.approx(39.8, rel=0.01)
+    assert train_flops_per_image("r50", 617_970, sample_rate=0.1) < 38.2e9
+
+
+def test_end_to_end_with_a_failing_and_a_skipped_row(repo, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(repo)
+    real = cli.worker_command
+
+    def failing_tuned(variant, spec, out, devices):
+        if variant.flavour == "tuned":
+            return [sys.executable, "-c", "import sys; sys.exit('deliberate failure')"]
+        return real(variant, spec, out, devices)
+
+    monkeypatch.setattr(cli, "worker_command", failing_tuned)
+    out = tmp_path / "cmp"
+    args = [*TINY, "--frameworks", "jax,torch", "--precision", "fp32,tf32", "--batch", "2"]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[6/6]" in printed and "about 0 s to go" in printed
+    rows = {
+        (r["flavour"], r["precision"]): r
+        for r in json.loads((out / "results.json").read_text())["rows"]
+    }
+    for flavour in ("jax", "stock"):
+        row = rows[(flavour, "fp32")]
+        assert row["samples_per_s"] > 0 and row["ms_per_step"] > 0, row
+        assert row["flops_per_image"] > 0 and row["mfu"] is None  # no peak rate for a CPU
+    assert "deliberate failure" in rows[("tuned", "fp32")]["error"]
+    for flavour in ("jax", "stock"):
+        assert "TF32 needs an NVIDIA GPU" in rows[(flavour, "tf32")]["skipped"]
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["versions"]["jax"] and meta["versions"]["torch"] and meta["devices"] == 1
+    table = (out / "table.md").read_text()
+    assert "| Dataset | Classes | Backbone | Batch-size | FP16 | TF32 |" in table
+    assert "| synthetic, on the device | 20 | iresnet_tiny | 2 | no | no |" in table
+    assert "failed: exit status 1: deliberate failure" in table
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_devices_mesh_and_torchrun(repo, tmp_path, monkeypatch):
+    monkeypatch.chdir(repo)
+    out = tmp_path / "cmp"
+    args = [*TINY, "--frameworks", "jax,torch", "--precision", "fp32", "--batch", "2"]
+    assert cli.main([*args, "--devices", "2", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["flavour"] for r in rows] == ["jax", "stock", "tuned"]
+    for row in rows:
+        assert row["device"] == "2 x cpu" and row["samples_per_s"] > 0, row
+    assert "| 4 | no | no |" in (out / "table.md").read_text()  # global batch 2 x 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--frameworks", "jax,tf"], "unknown framework 'tf' (choose from jax, torch)"),
+        (["--precision", "fp8"], "unknown precision 'fp8' (choose from fp32, tf32, fp16, bf16)"),
+        (["--batch", "128,x"], "--batch '128,x' must be comma-separated integers"),
+        (["--config.network=r51"], "'network'"),
+    ],
+)  # fmt: skip
+def test_bad_arguments(repo, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(repo)
+    assert cli.main(["--config", "configs/demo.py", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_framework_not_installed_says_how_to_install(repo, monkeypatch, capsys):
+    monkeypatch.chdir(repo)
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(
+        cli.importlib.util, "find_spec", lambda name: None if name == "torch" else real(name)
+    )
+    assert cli.main(["--config", "configs/demo.py", "--frameworks", "jax,torch"]) == 2
+    assert "torch is not installed; install it with: pip install -e '.[torch]'" in (
+        capsys.readouterr().err
+    )
