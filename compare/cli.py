@@ -130,6 +130,13 @@ def _parse(argv):
     parser.add_argument("--out", default="work_dirs/compare")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per row")
     parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole run: rows not started by then are reported as skipped "
+        "(order --precision by importance)",
+    )
+    parser.add_argument(
         "--torch-compile", action="store_true", help="torch tuned also uses torch.compile"
     )
     parser.add_argument(
@@ -187,7 +194,19 @@ def main(argv: list[str] | None = None) -> int:
             "data": args.data,
             "torch_compile": args.torch_compile,
         }
-        row = {**run_variant(variant, spec, args.devices, args.timeout), **variant.to_dict()}
+        elapsed = time.perf_counter() - start
+        if args.budget is not None and elapsed >= args.budget:
+            result = {"skipped": f"the --budget of {args.budget:g} s was spent"}
+        else:
+            result = run_variant(variant, spec, args.devices, args.timeout)
+        row = {
+            **result,
+            **variant.to_dict(),
+            "network": cfg.network,
+            "num_classes": cfg.num_classes,
+            "dataset": meta["dataset"],
+            "devices": args.devices,
+        }
         _add_mfu(row, meta, args.peak_tflops)
         rows.append(row)
         if "samples_per_s" in row:

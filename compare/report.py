@@ -22,10 +22,11 @@ def _cell(row: dict | None, brief: bool = False) -> str:
 
 
 def _groups(rows: list[dict]) -> dict:
-    """(batch, precision) -> {flavour: row}, in the order the rows ran."""
+    """(network, batch, precision) -> {flavour: row}, in the order the rows ran."""
     groups: dict = {}
     for row in rows:
-        groups.setdefault((row["batch"], row["precision"]), {})[row["flavour"]] = row
+        key = (row["network"], row["batch"], row["precision"])
+        groups.setdefault(key, {})[row["flavour"]] = row
     return groups
 
 
@@ -46,13 +47,14 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         + " | jax / best torch |",
         "|" + "---|" * (7 + len(flavours)),
     ]
-    for (batch, precision), group in _groups(rows).items():
+    for (network, batch, precision), group in _groups(rows).items():
         _, _, fp16, tf32 = COLUMNS[precision]
+        first = next(iter(group.values()))
         cells = [
-            meta["dataset"],
-            f"{meta['num_classes']:,}",
-            meta["network"],
-            str(batch * meta["devices"]),
+            first["dataset"],
+            f"{first['num_classes']:,}",
+            network,
+            str(batch * first["devices"]),
             fp16,
             tf32,
         ]
@@ -64,7 +66,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        name = f"{HEADERS[row['flavour']]}, {row['precision']}, batch {row['batch']}"
+        name = (
+            f"{row['network']} {HEADERS[row['flavour']]}, {row['precision']}, batch {row['batch']}"
+        )
         if "samples_per_s" not in row:
             lines.append(f"| {name} | {row.get('device', '-')} | {_cell(row)} | - | - | - |")
             continue
@@ -102,10 +106,12 @@ def chart(meta: dict, rows: list[dict], path: Path) -> None:
                 va="bottom",
                 fontsize=7,
             )
+    labels = [f"{n} {p}\nbatch {b * meta['devices']}" for n, b, p in groups]
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{p}\nbatch {b * meta['devices']}" for b, p in groups])
+    ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("samples/s")
-    ax.set_title(f"{meta['network']}, {meta['num_classes']:,} classes, {meta['device']}")
+    networks = sorted({n for n, _, _ in groups})
+    ax.set_title(f"{', '.join(networks)}: {meta['device']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -58,6 +58,16 @@ def test_end_to_end_with_a_failing_and_a_skipped_row(repo, tmp_path, monkeypatch
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_budget_skips_the_rows_it_cannot_start(repo, tmp_path, monkeypatch):
+    monkeypatch.chdir(repo)
+    out = tmp_path / "cmp"
+    args = [*TINY, "--frameworks", "torch", "--precision", "fp32", "--batch", "2"]
+    assert cli.main([*args, "--budget", "0.001", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert "samples_per_s" in rows[0]  # the first row always starts
+    assert rows[1]["skipped"] == "the --budget of 0.001 s was spent"
+
+
 def test_two_devices_mesh_and_torchrun(repo, tmp_path, monkeypatch):
     monkeypatch.chdir(repo)
     out = tmp_path / "cmp"
