@@ -84,17 +84,10 @@ def _batches(spec, cfg, derived, sharding):
     import jax
 
     if spec["data"] == "rec":
-        from jaxface.data.loader import HostLoader
-        from jaxface.data.sources import open_source
         from jaxface.feed import DeviceFeed
+        from jaxface.train import _make_loader
 
-        loader = HostLoader(
-            open_source(cfg.rec),
-            derived.global_batch,
-            seed=cfg.seed,
-            workers=cfg.num_workers,
-            prefetch=4,
-        )
+        loader = _make_loader(cfg, derived, is_main=True)  # the trainer's own loader
         feed = DeviceFeed(loader.batch, sharding, 0, 1 << 40)
 
         def close():

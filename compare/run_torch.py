@@ -83,8 +83,9 @@ def _batches(spec, cfg, derived, device, rank, world_size):
         from jaxface.data.loader import HostLoader
         from jaxface.data.sources import open_source
 
+        # The jax row before this one packed the demo's synthetic set, if the config asks.
         loader = HostLoader(
-            open_source(cfg.rec),
+            open_source(cfg.rec, num_classes=cfg.num_classes),
             derived.global_batch,
             seed=cfg.seed,
             process_index=rank,

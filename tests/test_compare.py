@@ -105,3 +105,16 @@ def test_framework_not_installed_says_how_to_install(repo, monkeypatch, capsys):
     assert "torch is not installed; install it with: pip install -e '.[torch]'" in (
         capsys.readouterr().err
     )
+
+
+def test_rows_fed_by_the_real_loader(repo, tmp_path, monkeypatch):
+    monkeypatch.chdir(repo)
+    out, rec = tmp_path / "cmp", tmp_path / "data" / "train"
+    args = [*TINY, "--frameworks", "jax,torch", "--precision", "fp32", "--batch", "2"]
+    args += ["--data", "rec", f"--config.rec={rec}", "--config.num_image=400"]
+    assert cli.main([*args, "--config.num_workers=1", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["dataset"] == str(rec)
+    for row in data["rows"]:
+        assert row["samples_per_s"] > 0, row
+    assert rec.with_suffix(".rec").exists()  # packed by the jax row, read by the torch rows
