@@ -99,7 +99,8 @@ def make_train_step(
         raise ValueError("SampledSGD needs num_sample (sample_rate < 1) and grad_accum 1")
     num_devices = mesh.shape[DATA_AXIS]
 
-    def loss_fn(params, batch_stats, images, labels, key, scale, class_ids=None):
+    def loss_fn(params, batch_stats, images, labels, key, scale, presampled=None):
+        # presampled: (class ids, rows per device) when params hold only the sampled rows.
         dropout_key, sample_key = jax.random.split(key)
         x = normalize_images(images, policy.compute_dtype)
         variables = {"params": params["backbone"], "batch_stats": batch_stats}
@@ -121,8 +122,8 @@ def make_train_step(
             precision=head_precision,
             num_sample=num_sample,
             key=sample_key,
-            class_ids=None if class_ids is None else class_ids[0],
-            num_local=None if class_ids is None else class_ids[1],
+            class_ids=None if presampled is None else presampled[0],
+            num_local=None if presampled is None else presampled[1],
         )
         # fp16: the backward pass runs on the scaled loss so that small gradients survive.
         return loss * scale, (loss, new_stats)

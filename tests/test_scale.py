@@ -186,22 +186,31 @@ def test_sampled_sgd_equals_the_dense_update(repo):
     assert (np.abs(centres - start)[:200].max(axis=1) > 0).all()
 
 
-def test_sampled_sgd_overflow_leaves_centres_and_momentum(repo):
-    *_, state, _, sampled = _sampled_problem(repo, "fp16")
-    images, _ = _batch(16)
-    state = state.replace(loss_scale=LossScale(jnp.float32(3e38), jnp.int32(5)))
-    state, _ = sampled(state, images, _labels(0))  # a finite step first: momentum != 0
-    assert int(state.opt_state["head"]["count"]) == 0  # 3e38 overflowed: nothing applied
-    state = state.replace(loss_scale=LossScale(jnp.float32(64.0), jnp.int32(0)))
-    state, metrics = sampled(state, images, _labels(0))
-    assert bool(metrics["grads_finite"]) and int(state.opt_state["head"]["count"]) == 1
-    before = jax.device_get((state.params, state.opt_state))
-    state = state.replace(loss_scale=LossScale(jnp.float32(3e38), jnp.int32(5)))
-    state, metrics = sampled(state, images, _labels(1))
-    assert not bool(metrics["grads_finite"])
-    after = jax.device_get((state.params, state.opt_state))
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
-        np.testing.assert_array_equal(a, b)
+def test_sampled_sgd_row_update_and_its_overflow_gate():
+    """update_head alone on 2 devices: the dense torch-SGD formula on every row; with
+    apply=False (an fp16 overflow) nothing moves, not even by decay."""
+    import optax
+
+    mesh = make_mesh(2)
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 4)).astype(np.float32)  # 4 rows per device
+    m = rng.normal(size=(8, 4)).astype(np.float32)
+    ids = np.array([1, 3, 0, 2], np.int32)  # device 0 sampled local rows 1, 3; device 1 0, 2
+    g = rng.normal(size=(4, 4)).astype(np.float32)
+    tx = SampledSGD(optax.identity(), lambda count: 0.1 / (1 + count), 0.9, 5e-4)
+    state = {"momentum": m, "count": jnp.int32(2)}
+    update = jax.jit(lambda apply: tx.update_head(w, state, ids, g, apply, mesh))
+    dense_g = np.zeros_like(w)
+    dense_g[[1, 3, 4, 6]] = g  # global rows of the sampled ones
+    want_m = 0.9 * m + 5e-4 * w + dense_g
+    new_w, new_state = update(jnp.bool_(True))
+    np.testing.assert_allclose(new_state["momentum"], want_m, rtol=1e-6)
+    np.testing.assert_allclose(new_w, w - (0.1 / 3) * want_m, rtol=1e-6)
+    assert int(new_state["count"]) == 3
+    same_w, same_state = update(jnp.bool_(False))
+    np.testing.assert_array_equal(same_w, w)
+    np.testing.assert_array_equal(same_state["momentum"], m)
+    assert int(same_state["count"]) == 2
 
 
 def test_bf16_and_fp16_track_fp32(repo):
