@@ -35,12 +35,10 @@ _ORDER_STREAM = 0x0D3
 _MAX_SKIPS = 64  # consecutive bad records tolerated before giving up on skip_corrupt
 
 
-def _load_into(source, index: int, out: np.ndarray, skip_corrupt: bool, skipped: list) -> int:
-    """Decode sample `index` into `out`, return its label; with skip_corrupt a bad record is
-    replaced by the next good one in index order (deterministic, so a resumed run still
-    sees the same batches)."""
-    n = len(source)
-    read_into = getattr(source, "read_into", None)  # RecordIO: decodes in place, no copy
+def _load_into(source, read_into, n, index, out, skip_corrupt: bool, skipped: list) -> int:
+    """Decode sample `index` of the `n` into `out`, return its label; with skip_corrupt a
+    bad record is replaced by the next good one in index order (deterministic, so a resumed
+    run still sees the same batches). `read_into`: the source's in-place decoder, if any."""
     for attempt in range(_MAX_SKIPS + 1):
         j = (index + attempt) % n
         try:
@@ -69,9 +67,11 @@ def _fill(source, out, row0, indices, params, skip_corrupt):
     (labels, skipped)."""
     labels = np.empty(len(indices), np.int32)
     skipped: list = []
-    for r, index in enumerate(indices):
+    n = len(source)
+    read_into = getattr(source, "read_into", None)  # RecordIO: decodes in place, no copy
+    for r, index in enumerate(indices.tolist()):
         row = out[row0 + r]
-        labels[r] = _load_into(source, int(index), row, skip_corrupt, skipped)
+        labels[r] = _load_into(source, read_into, n, index, row, skip_corrupt, skipped)
         aug.apply(row, params, r, row)
     return labels, skipped
 

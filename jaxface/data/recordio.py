@@ -372,11 +372,12 @@ class RecordFile:
         offset = int(self.offsets[i])
         if offset + 8 + IR_SIZE > self.size:
             return None
-        magic, lrec, flag, label, _, _ = _LREC_IR.unpack_from(self.mm, offset)
+        mm = self.mm
+        magic, lrec, flag, label, _, _ = _LREC_IR.unpack_from(mm, offset)
         end = offset + 8 + (lrec & _LEN_MASK)
         if magic != MAGIC or lrec >> 29 or flag or end > self.size or end < offset + 8 + IR_SIZE:
             return None
-        return label, self.mm[offset + 8 + IR_SIZE : end]
+        return label, mm[offset + 8 + IR_SIZE : end]
 
     def read_label_prefix(self, key: int) -> tuple[np.ndarray, int]:
         """Labels of a record without touching its image: (float32 labels, image length)."""
@@ -586,9 +587,10 @@ class RecordIODataset:
     def _encoded(self, i: int) -> tuple[int, bytes]:
         """(class, image bytes) of image i: one struct read for a plain record, the general
         reader (which also names any fault) for everything else."""
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"image {i} out of range for {len(self)} images")
-        i %= len(self)
+        n = len(self.keys)
+        if not -n <= i < n:
+            raise IndexError(f"image {i} out of range for {n} images")
+        i %= n
         plain = self.records.read_plain(int(self.keys[i]))
         if plain is not None:
             value, image = plain
