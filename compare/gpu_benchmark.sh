@@ -15,7 +15,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 common=(--frameworks jax,torch --precision bf16,fp16,tf32,fp32 --batch 128,256
         --steps 30 --warmup 10 --timeout 150)
 start=$SECONDS
-for spec in r50:300 r100:140 r180:110; do
+for spec in r50:270 r100:130 r180:100; do
     net=${spec%%:*}
     budget=${spec##*:}
     echo "== $net (budget ${budget} s; $((SECONDS - start)) s so far)"
@@ -23,4 +23,7 @@ for spec in r50:300 r100:140 r180:110; do
         --out "$OUT/$net" "$@" || echo "compare for $net exited with $?"
 done
 "$PYTHON" -m compare.merge "$OUT"/r50 "$OUT"/r100 "$OUT"/r180 --out "$OUT/all"
+# Where the time goes in the goal's setting (r50, bf16, batch 128): HLO, trace, cost.
+timeout 150 "$PYTHON" -m compare.profile --config configs/r50.py --precision bf16 --batch 128 \
+    --out "$OUT/profile-r50-bf16" || echo "compare.profile exited with $?"
 echo "done in $((SECONDS - start)) s: $OUT/all/table.md"

@@ -10,7 +10,21 @@ from compare.timing import measure
 from compare.variants import COLUMNS
 
 
-def run(spec: dict, cfg) -> dict:
+def device_info() -> dict:
+    import jax
+
+    device = jax.devices()[0]
+    return {
+        "device": f"{jax.device_count()} x {device.device_kind}",
+        "device_name": device.device_kind,
+        "platform": device.platform,
+        "versions": _versions(),
+    }
+
+
+def build(spec: dict, cfg):
+    """(jitted step, initial state, batch iterator, close, derived config): the trainer's
+    own pieces for one row."""
     import jax
 
     from jaxface.config import derive
@@ -21,17 +35,6 @@ def run(spec: dict, cfg) -> dict:
     from jaxface.precision import policy_from_config
     from jaxface.step import make_init_fn, make_train_step, state_shardings
 
-    device = jax.devices()[0]
-    capability = getattr(device, "compute_capability", None)
-    info = {
-        "device": f"{jax.device_count()} x {device.device_kind}",
-        "device_name": device.device_kind,
-        "platform": device.platform,
-        "versions": _versions(),
-    }
-    why = unsupported(spec["precision"], device.platform, capability and float(capability))
-    if why:
-        return {**info, "skipped": why}
     compute, tf32, _, _ = COLUMNS[spec["precision"]]
     cfg = cfg.replace(precision=compute, tf32=tf32, batch_size=spec["batch"])
     mesh = make_mesh(spec["devices"])
@@ -60,6 +63,19 @@ def run(spec: dict, cfg) -> dict:
         out_shardings=(shardings, replicated(mesh)),
     )
     batches, close = _batches(spec, cfg, derived, batch_sharding(mesh))
+    return step_fn, state, batches, close, derived
+
+
+def run(spec: dict, cfg) -> dict:
+    import jax
+
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    info = device_info()
+    why = unsupported(spec["precision"], device.platform, capability and float(capability))
+    if why:
+        return {**info, "skipped": why}
+    step_fn, state, batches, close, derived = build(spec, cfg)
     holder = {"state": state}
 
     def step():

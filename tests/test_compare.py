@@ -109,3 +109,20 @@ def test_two_devices_fed_by_the_real_loader(repo, tmp_path, monkeypatch):
     for row in data["rows"]:
         assert row["device"] == "2 x cpu" and row["samples_per_s"] > 0, row
     assert "| 4 | no | no |" in (out / "table.md").read_text()  # global batch 2 x 2
+
+
+def test_profile_writes_hlo_trace_and_numbers(repo, tmp_path, monkeypatch, capsys):
+    from compare import profile
+
+    monkeypatch.chdir(repo)
+    args = ["--config", "configs/demo.py", "--precision", "fp32", "--batch", "2"]
+    args += ["--steps", "1", "--trace-steps", "1", "--out", str(tmp_path)]
+    args += ["--config.num_classes=20"]
+    assert profile.main(args) == 0
+    summary = json.loads((tmp_path / "profile.json").read_text())
+    # XLA counts BatchNorm, PReLU and the optimizer too: a little above the model's count.
+    assert 1.0 <= summary["xla_cost"]["flops"] / summary["model_flops_per_step"] < 1.5
+    assert summary["hlo_ops"]["convolution"] > 0 and summary["ms_per_step"] > 0
+    assert " convolution(" in (tmp_path / "step.hlo.txt").read_text()
+    assert any((tmp_path / "trace").rglob("*.xplane.pb"))
+    assert "GFLOP per step: model" in capsys.readouterr().out

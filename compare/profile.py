@@ -1,0 +1,136 @@
+"""python -m compare.profile --config configs/r50.py [--precision bf16] [--batch 128]
+       [--steps 20] [--devices 1] [--out DIR] [--config.KEY=VALUE ...]
+
+What to read before tuning jaxface's step on a GPU, from one run: XLA's cost analysis of
+the compiled step (FLOPs and bytes accessed per step, so arithmetic intensity) next to the
+model's own FLOP count, XLA's memory analysis, the optimised HLO (DIR/step.hlo.txt:
+fusions, layouts, copies, with counts printed), the step time and MFU, and a jax.profiler
+trace of a few steps (DIR/trace, for TensorBoard's profile plugin or Perfetto).
+DIR/profile.json holds the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from compare.capability import peak_tflops
+from compare.flops import train_flops_per_image
+from compare.variants import PRECISIONS
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    return {k: float(v) for k, v in (cost or {}).items() if k in ("flops", "bytes accessed")}
+
+
+def hlo_counts(text: str) -> dict:
+    """How many fusions, copies, transposes, convolutions, all-reduces/gathers the HLO has."""
+    ops = ("fusion", "copy", "transpose", "convolution", "all-reduce", "all-gather", "sort")
+    return {op: len(re.findall(rf"= \S+ {op}\(", text)) for op in ops}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m compare.profile", description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--precision", default="bf16", choices=PRECISIONS)
+    parser.add_argument("--batch", type=int, default=128, help="per device")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--trace-steps", type=int, default=5)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--out", default="work_dirs/profile")
+    args, rest = parser.parse_known_args(argv)
+    from jaxface.config import ConfigError, load_config, parse_overrides
+
+    try:
+        cfg = load_config(args.config, parse_overrides(rest))
+    except ConfigError as exc:
+        print(f"python -m compare.profile: error: {exc}", file=sys.stderr)
+        return 2
+    import jax
+
+    from compare.run_jax import build, device_info
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "precision": args.precision,
+        "batch": args.batch,
+        "devices": args.devices,
+        "data": "synthetic",
+    }
+    step_fn, state, batches, close, derived = build(spec, cfg)
+    images, labels = next(batches)
+    t = time.perf_counter()
+    compiled = step_fn.lower(state, images, labels).compile()
+    compile_s = time.perf_counter() - t
+    hlo = compiled.as_text()
+    (out / "step.hlo.txt").write_text(hlo)
+    memory = compiled.memory_analysis()
+
+    def run(n):
+        nonlocal state
+        for _ in range(n):
+            state, metrics = compiled(state, images, labels)
+        jax.block_until_ready(metrics["loss"])
+
+    run(2)
+    t = time.perf_counter()
+    run(args.steps)
+    step_s = (time.perf_counter() - t) / args.steps
+    with jax.profiler.trace(str(out / "trace")):
+        run(args.trace_steps)
+    close()
+
+    info = device_info()
+    model_flops = derived.global_batch * train_flops_per_image(
+        cfg.network, cfg.num_classes, cfg.embedding_size, cfg.sample_rate
+    )
+    peak = peak_tflops(info["device_name"], args.precision)
+    summary = {
+        **info,
+        "config": args.config,
+        "network": cfg.network,
+        "precision": args.precision,
+        "global_batch": derived.global_batch,
+        "compile_s": compile_s,
+        "ms_per_step": 1000 * step_s,
+        "samples_per_s": derived.global_batch / step_s,
+        "model_flops_per_step": model_flops,
+        "xla_cost": _cost(compiled),
+        "mfu": model_flops / step_s / (peak * 1e12 * args.devices) if peak else None,
+        "memory": {
+            "arguments": memory.argument_size_in_bytes,
+            "outputs": memory.output_size_in_bytes,
+            "aliased": memory.alias_size_in_bytes,
+            "temporaries": memory.temp_size_in_bytes,
+        },
+        "hlo_ops": hlo_counts(hlo),
+    }
+    (out / "profile.json").write_text(json.dumps(summary, indent=1))
+    xla = summary["xla_cost"]
+    intensity = xla.get("flops", 0) / xla["bytes accessed"] if xla.get("bytes accessed") else 0
+    mfu = f"{100 * summary['mfu']:.1f} %" if summary["mfu"] is not None else "n/a"
+    print(
+        f"{cfg.network} {args.precision}, global batch {derived.global_batch} on "
+        f"{info['device']}: {summary['ms_per_step']:.1f} ms/step, "
+        f"{summary['samples_per_s']:,.0f} samples/s, MFU {mfu} (compile {compile_s:.0f} s)\n"
+        f"GFLOP per step: model {model_flops / 1e9:,.1f}, XLA {xla.get('flops', 0) / 1e9:,.1f}; "
+        f"bytes accessed {xla.get('bytes accessed', 0) / 1e9:.2f} GB "
+        f"(intensity {intensity:.0f} FLOP/byte)\n"
+        f"memory: temporaries {memory.temp_size_in_bytes / 1e9:.2f} GB, arguments "
+        f"{memory.argument_size_in_bytes / 1e9:.2f} GB\n"
+        f"HLO: {', '.join(f'{k} {v}' for k, v in summary['hlo_ops'].items())}\n"
+        f"wrote {out / 'step.hlo.txt'}, {out / 'trace'}, {out / 'profile.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
