@@ -7,6 +7,7 @@
 #
 #   bash compare/gpu_benchmark.sh                 # results under $OUT (default work_dirs/gpu_compare)
 #   bash compare/gpu_benchmark.sh --steps 50      # extra arguments go to every python -m compare
+#   TOTAL=900 bash compare/gpu_benchmark.sh       # more than the default 570 s in all
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-work_dirs/gpu_compare}
@@ -15,15 +16,27 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 common=(--frameworks jax,torch --precision bf16,fp16,tf32,fp32 --batch 128,256
         --steps 30 --warmup 10 --timeout 150)
 start=$SECONDS
-for spec in r50:270 r100:130 r180:100; do
+TOTAL=${TOTAL:-570}  # seconds for everything; a row already started may run past its budget
+for spec in r50:220 r100:110 r180:90; do
     net=${spec%%:*}
-    budget=${spec##*:}
+    left=$((TOTAL - (SECONDS - start) - 150))  # keep time for overruns and the profile
+    budget=$(( ${spec##*:} < left ? ${spec##*:} : left ))
+    if [ "$budget" -le 0 ]; then
+        echo "== $net: no time left (TOTAL=$TOTAL s); skipped"
+        continue
+    fi
     echo "== $net (budget ${budget} s; $((SECONDS - start)) s so far)"
     "$PYTHON" -m compare --config "configs/$net.py" "${common[@]}" --budget "$budget" \
         --out "$OUT/$net" "$@" || echo "compare for $net exited with $?"
 done
-"$PYTHON" -m compare.merge "$OUT"/r50 "$OUT"/r100 "$OUT"/r180 --out "$OUT/all"
+"$PYTHON" -m compare.merge "$OUT"/r50 "$OUT"/r100 "$OUT"/r180 --out "$OUT/all" \
+    || echo "compare.merge exited with $?"
 # Where the time goes in the goal's setting (r50, bf16, batch 128): HLO, trace, cost.
-timeout 150 "$PYTHON" -m compare.profile --config configs/r50.py --precision bf16 --batch 128 \
-    --out "$OUT/profile-r50-bf16" || echo "compare.profile exited with $?"
+left=$((TOTAL - (SECONDS - start)))
+if [ "$left" -ge 60 ]; then
+    timeout "$left" "$PYTHON" -m compare.profile --config configs/r50.py --precision bf16 \
+        --batch 128 --out "$OUT/profile-r50-bf16" || echo "compare.profile exited with $?"
+else
+    echo "no time left for compare.profile ($left s)"
+fi
 echo "done in $((SECONDS - start)) s: $OUT/all/table.md"
