@@ -130,6 +130,24 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    def finish(state, params, batch_stats, opt_state, loss, grads, scale, finite):
+        """The next state and the step's metrics (kept on the device)."""
+        metrics = {
+            "loss": loss,
+            "lr": schedule(state.step),
+            "backbone_grad_norm": optax.tree.norm(grads["backbone"]),
+            "loss_scale": scale,
+            "grads_finite": finite,
+        }
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            loss_scale=state.loss_scale.update(finite) if policy.loss_scaling else state.loss_scale,
+        )
+        return new_state, metrics
+
     def sampled_train_step(state: TrainState, images, labels):
         # Sample first, differentiate with respect to the sampled rows only, then update
         # the whole matrix elementwise in place (SampledSGD): no dense [C, E] gradient.
@@ -173,21 +191,9 @@ def make_train_step(
             finite if policy.loss_scaling else jnp.bool_(True),
             mesh,
         )
-        metrics = {
-            "loss": loss,
-            "lr": schedule(state.step),
-            "backbone_grad_norm": optax.tree.norm(grads["backbone"]),
-            "loss_scale": scale,
-            "grads_finite": finite,
-        }
-        new_state = state.replace(
-            step=state.step + 1,
-            params={"backbone": backbone, "head": {"centres": centres}},
-            batch_stats=batch_stats,
-            opt_state={"backbone": backbone_opt, "head": head_opt},
-            loss_scale=state.loss_scale.update(finite) if policy.loss_scaling else state.loss_scale,
-        )
-        return new_state, metrics
+        params = {"backbone": backbone, "head": {"centres": centres}}
+        opt_state = {"backbone": backbone_opt, "head": head_opt}
+        return finish(state, params, batch_stats, opt_state, loss, grads, scale, finite)
 
     def train_step(state: TrainState, images, labels):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -227,21 +233,7 @@ def make_train_step(
             opt_state = jax.tree.map(
                 lambda new, old: jnp.where(finite, new, old), opt_state, state.opt_state
             )
-        metrics = {
-            "loss": loss,
-            "lr": schedule(state.step),
-            "backbone_grad_norm": optax.tree.norm(grads["backbone"]),
-            "loss_scale": scale,
-            "grads_finite": finite,
-        }
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-            loss_scale=state.loss_scale.update(finite) if policy.loss_scaling else state.loss_scale,
-        )
-        return new_state, metrics
+        return finish(state, params, batch_stats, opt_state, loss, grads, scale, finite)
 
     return sampled_train_step if sampled_sgd else train_step
 
