@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jaxface-installed
 
-.PHONY: train test lint setup
+.PHONY: train test test-fast lint setup
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# The quick tier for day-to-day work (a few minutes); CI runs `make test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not multiprocess" $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

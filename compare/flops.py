@@ -2,7 +2,7 @@
 
 Forward multiply-accumulates of an IResNet at 112x112: the convolutions (stem, two 3x3 per
 block, the 1x1 shortcut of each stage's first block) and the fc layer; BatchNorm, PReLU and
-the additions are left out, as in insightface's published GMACs (REFERENCE.md), which
+the additions are left out, as in insightface.s published GMACs (docs/sources.md), which
 these match within 1 %. A training step costs 3x the forward (forward, and the backward's
 two products per layer) and one MAC is two FLOPs. The head scores each embedding against
 `sample_rate` of the class centres: 3 x 2 x E x C x sample_rate FLOPs per image.

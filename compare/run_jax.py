@@ -3,16 +3,19 @@ mesh, fed a batch that already lives on the devices, or the real host loader."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from compare.capability import unsupported
 from compare.timing import measure
 from compare.variants import COLUMNS
+from jaxface import setup
+from jaxface.data.training import make_loader, prepare
+from jaxface.feed import DeviceFeed
+from jaxface.mesh import make_mesh
 
 
 def device_info() -> dict:
-    import jax
-
     device = jax.devices()[0]
     return {
         "device": f"{jax.device_count()} x {device.device_kind}",
@@ -24,51 +27,15 @@ def device_info() -> dict:
 
 def build(spec: dict, cfg):
     """(jitted step, initial state, batch iterator, close, derived config): the trainer's
-    own pieces for one row."""
-    import jax
-
-    from jaxface.config import derive
-    from jaxface.heads import margin_from_config
-    from jaxface.mesh import batch_sharding, make_mesh, replicated
-    from jaxface.models import get_model
-    from jaxface.optim import make_optimizer
-    from jaxface.precision import policy_from_config
-    from jaxface.step import make_init_fn, make_train_step, state_shardings
-
+    own pieces (`jaxface.setup.build`) for one row."""
     compute, tf32, _, _ = COLUMNS[spec["precision"]]
     cfg = cfg.replace(precision=compute, tf32=tf32, batch_size=spec["batch"])
-    mesh = make_mesh(spec["devices"])
-    derived = derive(cfg, mesh.size)
-    model = get_model(
-        cfg.network,
-        embedding_size=cfg.embedding_size,
-        policy=policy_from_config(cfg),
-        bn_groups=1 if cfg.sync_bn else mesh.size,
-    )
-    tx, schedule = make_optimizer(cfg, derived)
-    init = make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded)
-    shardings = state_shardings(jax.eval_shape(init, 0), mesh)
-    state = jax.jit(init, out_shardings=shardings)(cfg.seed)
-    step_fn = jax.jit(
-        make_train_step(
-            model,
-            tx,
-            schedule,
-            margin_from_config(cfg),
-            cfg.num_classes,
-            mesh,
-            num_sample=derived.num_sample,
-        ),
-        donate_argnums=0,
-        out_shardings=(shardings, replicated(mesh)),
-    )
-    batches, close = _batches(spec, cfg, derived, batch_sharding(mesh))
-    return step_fn, state, batches, close, derived
+    run = setup.build(cfg, make_mesh(spec["devices"]))
+    batches, close = _batches(spec, cfg, run.derived, run.data_sharding)
+    return run.train_step, run.init_state(), batches, close, run.derived
 
 
 def run(spec: dict, cfg) -> dict:
-    import jax
-
     device = jax.devices()[0]
     capability = getattr(device, "compute_capability", None)
     info = device_info()
@@ -97,13 +64,9 @@ def run(spec: dict, cfg) -> dict:
 
 def _batches(spec, cfg, derived, sharding):
     """(an endless iterator of (images, labels) already on the mesh, a close function)."""
-    import jax
-
     if spec["data"] == "rec":
-        from jaxface.feed import DeviceFeed
-        from jaxface.train import _make_loader
-
-        loader = _make_loader(cfg, derived, is_main=True)  # the trainer's own loader
+        prepare(cfg)
+        loader = make_loader(cfg, derived.global_batch)  # the trainer's own loader
         feed = DeviceFeed(loader.batch, sharding, 0, 1 << 40)
 
         def close():

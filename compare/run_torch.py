@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
 from compare.capability import unsupported
 from compare.timing import measure
 from compare.variants import COLUMNS
+from jaxface.config import derive
+from jaxface.data.training import make_loader
+from torchref.engine import Options, build, init_distributed, train_step
+from torchref.partial_fc import world
 
 
 def run(spec: dict, cfg) -> dict:
-    import torch
-    import torch.distributed as dist
-
-    from jaxface.config import derive
-    from torchref.engine import Options, build, init_distributed, train_step
-    from torchref.partial_fc import world
-
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
@@ -75,24 +76,10 @@ def run(spec: dict, cfg) -> dict:
 
 def _batches(spec, cfg, derived, device, rank, world_size):
     """An endless iterator of this rank's (uint8 NHWC images, int64 labels) on `device`."""
-    import numpy as np
-    import torch
-
     rows = derived.global_batch // world_size
     if spec["data"] == "rec":
-        from jaxface.data.loader import HostLoader
-        from jaxface.data.sources import open_source
-
         # The jax row before this one packed the demo's synthetic set, if the config asks.
-        loader = HostLoader(
-            open_source(cfg.rec, num_classes=cfg.num_classes),
-            derived.global_batch,
-            seed=cfg.seed,
-            process_index=rank,
-            process_count=world_size,
-            workers=cfg.num_workers,
-            prefetch=4,
-        )
+        loader = make_loader(cfg, derived.global_batch, rank, world_size)
 
         def from_loader():
             step = 0

@@ -5,7 +5,7 @@ fp32 (FP16 no, TF32 no), tf32 (no, yes), fp16 (yes, yes: arcface_torch's stock s
 bf16 (bf16 autocast / compute dtype, TF32 yes for what stays float32).
 PyTorch runs twice: `stock` is arcface_torch's own settings (NCHW, eager, autocast and
 GradScaler under fp16), `tuned` adds channels_last (and torch.compile with
---torch-compile: on r50 it measured slower, REFERENCE.md), so jaxface is compared with
+--torch-compile: on r50 it measured slower, docs/sources.md), so jaxface is compared with
 the best PyTorch, not a strawman.
 """
 

@@ -13,12 +13,14 @@ import ast
 import importlib.util
 import math
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from jaxface.defaults import Unset
+from jaxface.defaults import get_config as get_defaults
 from jaxface.models.names import BACKBONES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -73,67 +75,69 @@ def _backbone(v) -> str | None:
     return None if v in BACKBONES else f"unknown backbone; choose one of {', '.join(BACKBONES)}"
 
 
+def _non_empty(v) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+# Rules beyond the type; the types themselves come from the defaults (jaxface/defaults.py).
+CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "network": _backbone,
+    "embedding_size": _positive,
+    "dropout": _unit_interval,
+    "precision": _one_of(*PRECISIONS),
+    "margin_list": _margins,
+    "scale": _positive,
+    "interclass_filtering_threshold": _unit_interval,
+    "margin_grad": _one_of(*MARGIN_GRADS),
+    "sample_rate": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+    "optimizer": _one_of(*OPTIMIZERS),
+    "lr": _positive,
+    "momentum": _unit_interval,
+    "weight_decay": _non_negative,
+    "adamw_betas": _betas,
+    "adamw_eps": _positive,
+    "grad_clip_norm": _non_negative,
+    "warmup_epoch": _non_negative,
+    "lr_power": _positive,
+    "num_classes": _positive,
+    "num_image": _positive,
+    "batch_size": _positive,
+    "global_batch_size": _positive,
+    "gradient_acc": _positive,
+    "num_workers": _non_negative,
+    "synthetic_noise": _non_negative,
+    "synthetic_jitter": lambda v: None if 0 <= v <= 16 else "must be in [0, 16]",
+    "num_epoch": _positive,
+    "max_steps": _positive,
+    "num_devices": _positive,
+    "seed": _non_negative,
+    "frequent": _positive,
+    "progress": _one_of(*PROGRESS_MODES),
+    "checkpoint_every": _non_negative,
+    "keep_checkpoints": _positive,
+    "verbose": _positive,
+    "num_processes": _positive,
+    "process_id": _non_negative,
+    "distributed_timeout": _positive,
+    "signal_timeout": _positive,
+    "output": _non_empty,
+}
+
+
 @dataclass(frozen=True)
 class Field:
-    kind: type  # int, float, bool, str, tuple (of floats) or list (of strings, kept as a tuple)
-    check: Any = None  # value -> error text or None
-    optional: bool = False  # None allowed
+    kind: type  # int, float, bool, str, tuple (of numbers) or list (of names, kept as a tuple)
+    optional: bool  # None allowed (the default is Unset)
 
 
-SCHEMA: dict[str, Field] = {
-    "network": Field(str, _backbone),
-    "embedding_size": Field(int, _positive),
-    "dropout": Field(float, _unit_interval),
-    "precision": Field(str, _one_of(*PRECISIONS)),
-    "tf32": Field(bool),
-    "sync_bn": Field(bool),
-    "margin_list": Field(tuple, _margins),
-    "scale": Field(float, _positive),
-    "interclass_filtering_threshold": Field(float, _unit_interval),
-    "margin_grad": Field(str, _one_of(*MARGIN_GRADS)),
-    "sample_rate": Field(float, lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
-    "optimizer": Field(str, _one_of(*OPTIMIZERS)),
-    "lr": Field(float, _positive),
-    "momentum": Field(float, _unit_interval),
-    "weight_decay": Field(float, _non_negative),
-    "adamw_betas": Field(tuple, _betas),
-    "adamw_eps": Field(float, _positive),
-    "grad_clip_norm": Field(float, _non_negative),
-    "warmup_epoch": Field(float, _non_negative),
-    "lr_power": Field(float, _positive),
-    "rec": Field(str),
-    "num_classes": Field(int, _positive),
-    "num_image": Field(int, _positive),
-    "batch_size": Field(int, _positive),
-    "global_batch_size": Field(int, _positive, optional=True),
-    "gradient_acc": Field(int, _positive),
-    "pack_synthetic": Field(bool),
-    "num_workers": Field(int, _non_negative),
-    "augment": Field(bool),
-    "flip": Field(bool),
-    "skip_corrupt": Field(bool),
-    "synthetic_noise": Field(float, _non_negative),
-    "synthetic_jitter": Field(int, lambda v: None if 0 <= v <= 16 else "must be in [0, 16]"),
-    "num_epoch": Field(float, _positive),
-    "max_steps": Field(int, _positive, optional=True),
-    "num_devices": Field(int, _positive, optional=True),
-    "seed": Field(int, _non_negative),
-    "frequent": Field(int, _positive),
-    "progress": Field(str, _one_of(*PROGRESS_MODES)),
-    "resume": Field(bool),
-    "init_from": Field(str, optional=True),
-    "checkpoint_every": Field(int, _non_negative),
-    "keep_checkpoints": Field(int, _positive),
-    "val_targets": Field(list),
-    "verbose": Field(int, _positive),
-    "tensorboard": Field(bool),
-    "distributed": Field(bool),
-    "coordinator_address": Field(str, optional=True),
-    "num_processes": Field(int, _positive, optional=True),
-    "process_id": Field(int, _non_negative, optional=True),
-    "distributed_timeout": Field(int, _positive),
-    "output": Field(str, lambda v: None if v.strip() else "must not be empty"),
-}
+def _field(default: Any) -> Field:
+    if isinstance(default, Unset):
+        return Field(default.kind, True)
+    return Field(type(default), False)
+
+
+DEFAULTS: dict[str, Any] = get_defaults()
+FIELDS: dict[str, Field] = {key: _field(value) for key, value in DEFAULTS.items()}
 
 
 class Config(Mapping):
@@ -176,7 +180,11 @@ class Config(Mapping):
 
 def _coerce(key: str, value: Any, field: Field, where: str) -> Any:
     """Bring a value from a config file or the command line to the field's type."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+    if (
+        value is None
+        or isinstance(value, Unset)
+        or (isinstance(value, str) and value.lower() in ("none", "null"))
+    ):
         if field.optional:
             return None
         raise ConfigError(f"{where}: config key {key!r} must not be None")
@@ -234,27 +242,32 @@ def _coerce(key: str, value: Any, field: Field, where: str) -> Any:
     raise ConfigError(f"{where}: config key {key!r} expects {expected}, got {value!r}")
 
 
-def validate(values: Mapping[str, Any], source: str = "<dict>") -> Config:
-    """Type-check every key, reject unknown or missing ones and impossible values."""
-    unknown = sorted(set(values) - set(SCHEMA))
+def validate(
+    values: Mapping[str, Any], source: str = "<dict>", from_command_line: frozenset = frozenset()
+) -> Config:
+    """Type-check every key, reject unknown or missing ones and impossible values. Errors
+    name `--config.KEY` for keys in `from_command_line`, the file `source` for the rest."""
+    unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ConfigError(
             f"{source}: unknown config key{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(map(repr, unknown))}; known keys are listed in configs/base.py"
+            f"{', '.join(map(repr, unknown))}; known keys are listed in jaxface/defaults.py"
         )
-    missing = sorted(set(SCHEMA) - set(values))
+    missing = sorted(set(FIELDS) - set(values))
     if missing:
         raise ConfigError(
             f"{source}: config is missing {', '.join(map(repr, missing))}; "
             "start the config from configs.base.get_config()"
         )
     typed = {}
-    for key, field in SCHEMA.items():
+    for key, field in FIELDS.items():
         value = _coerce(key, values[key], field, source)
-        if value is not None and field.check is not None:
-            problem = field.check(value)
+        check = CHECKS.get(key)
+        if value is not None and check is not None:
+            problem = check(value)
             if problem:
-                raise ConfigError(f"{source}: config key {key!r}={value!r} {problem}")
+                where = f"--config.{key}" if key in from_command_line else source
+                raise ConfigError(f"{where}: config key {key!r}={value!r} {problem}")
         typed[key] = value
     _check_consistency(typed, source)
     return Config(typed, source)
@@ -262,6 +275,13 @@ def validate(values: Mapping[str, Any], source: str = "<dict>") -> Config:
 
 def _check_consistency(values: dict[str, Any], source: str) -> None:
     """Rules that involve more than one key."""
+    many = (values["num_processes"] or 1) > 1
+    if many and values["coordinator_address"] is None and not values["distributed"]:
+        raise ConfigError(
+            f"{source}: config key 'num_processes'={values['num_processes']} needs "
+            "'coordinator_address' (process 0's host:port) or distributed=true (a cluster "
+            "that jax detects); without either every process would train alone"
+        )
     if values["coordinator_address"] is not None:
         for key in ("num_processes", "process_id"):
             if values[key] is None:
@@ -276,6 +296,8 @@ def _check_consistency(values: dict[str, Any], source: str) -> None:
 
 
 def _load_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; give a .py file in it")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     # Job files import `configs.base`: make the folder above the `configs` package
@@ -293,7 +315,10 @@ def _load_file(path: Path) -> dict[str, Any]:
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
         raise ConfigError(f"config file {str(path)!r} does not define get_config()")
-    values = get_config()
+    try:
+        values = get_config()
+    except Exception as exc:  # noqa: BLE001 - any error in user code becomes one message
+        raise ConfigError(f"config file {str(path)!r}: get_config() raised {exc!r}") from exc
     if not isinstance(values, Mapping):
         raise ConfigError(
             f"config file {str(path)!r}: get_config() returned {type(values).__name__}, "
@@ -331,12 +356,12 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     values = _load_file(path)
     source = str(path)
     for key, value in (overrides or {}).items():
-        if key not in SCHEMA:
+        if key not in FIELDS:
             raise ConfigError(
-                f"--config.{key}: unknown config key {key!r}; known keys are in configs/base.py"
+                f"--config.{key}: unknown config key {key!r}; known keys are in jaxface/defaults.py"
             )
-        values[key] = _coerce(key, value, SCHEMA[key], f"--config.{key}")
-    return validate(values, source)
+        values[key] = _coerce(key, value, FIELDS[key], f"--config.{key}")
+    return validate(values, source, frozenset(overrides or ()))
 
 
 @dataclass(frozen=True)

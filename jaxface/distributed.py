@@ -12,10 +12,14 @@ unreachable coordinator or a wrong process count ends in an error, not a hang.
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
+import threading
 import time
 
 import jax
+from jax._src import distributed as jax_distributed  # its runtime client: no public API
 
 
 class DistributedError(RuntimeError):
@@ -32,7 +36,9 @@ def initialize(cfg) -> bool:
     # CPU collectives across processes go through gloo (GPUs use NCCL regardless). Asking
     # for the backend here would start it, and initialize() must come first.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {"initialization_timeout": cfg.distributed_timeout}
+    # XLA's own timeout ends in a C++ abort with a stack dump, after minutes of silence;
+    # the watchdog below fires first, with a message.
+    kwargs = {"initialization_timeout": cfg.distributed_timeout + 30}
     if explicit and cfg.process_id != 0:
         # XLA aborts the whole process when the coordinator never answers; look first, so
         # that an unreachable address is an error message, not a crash.
@@ -43,18 +49,37 @@ def initialize(cfg) -> bool:
             num_processes=cfg.num_processes,
             process_id=cfg.process_id,
         )
+    where = cfg.coordinator_address or "the coordinator the environment names"
+    watchdog = threading.Timer(cfg.distributed_timeout, _give_up, (cfg, where))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as exc:  # noqa: BLE001 - jax raises several types for the same failure
-        where = cfg.coordinator_address or "the coordinator the environment names"
         raise DistributedError(
             f"could not join the run at {where} as process {cfg.process_id} of "
             f"{cfg.num_processes} within {cfg.distributed_timeout} s (config keys "
             f"'coordinator_address', 'num_processes', 'process_id'): {exc}"
         ) from None
+    finally:
+        watchdog.cancel()
     if explicit:
         _check_process_counts(cfg)
     return True
+
+
+def _give_up(cfg, where: str) -> None:
+    """The watchdog: initialize() is blocked in C++, so say why and end the process."""
+    print(
+        f"jaxface.train: error: the run at {where} did not come together within "
+        f"{cfg.distributed_timeout} s: this is process {cfg.process_id} of "
+        f"{cfg.num_processes}, and not every process joined (config keys 'num_processes', "
+        "'coordinator_address', 'distributed_timeout'); start all of them with the same "
+        "coordinator and count",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(1)
 
 
 def _check_process_counts(cfg) -> None:
@@ -64,8 +89,6 @@ def _check_process_counts(cfg) -> None:
     another count still joins, and the mismatch would surface as a collective that never
     completes. Each process publishes its count in the coordinator's key-value store and
     compares it with everyone else's before anything else runs."""
-    from jax._src import distributed as jax_distributed  # the runtime client: no public API
-
     client = jax_distributed.global_state.client
     me, count = jax.process_index(), jax.process_count()
     client.key_value_set(f"jaxface/num_processes/{me}", str(cfg.num_processes))

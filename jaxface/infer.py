@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
+from jaxface import cli
+from jaxface.fileio import atomic_write, refuse_existing
 from jaxface.models.names import BACKBONES, IMAGE_SIZE
+from jaxface.weights import load_backbone
 
 
 class InferError(ValueError):
@@ -29,7 +32,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", help="image files (112x112 RGB crops)")
     source.add_argument("--npy", help="uint8 array [N, 112, 112, 3], RGB")
-    parser.add_argument("--out", required=True, help="output .npy, float32 [N, E]")
+    parser.add_argument("--out", required=True, help="output .npy, float32 [N, E] (new file)")
     parser.add_argument("--batch-size", type=int, default=64)
     return parser
 
@@ -46,11 +49,9 @@ def read_inputs(args) -> np.ndarray:
                 f"--npy {args.npy!r}: expected uint8 [N, 112, 112, 3] RGB, got "
                 f"{images.dtype} {list(images.shape)}"
             )
+        if len(images) == 0:
+            raise InferError(f"--npy {args.npy!r} holds no images ([0, 112, 112, 3])")
         return images
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        raise InferError("--images needs Pillow: pip install pillow") from None
     out = []
     for name in args.images:
         try:
@@ -69,14 +70,14 @@ def read_inputs(args) -> np.ndarray:
 
 def embed(weights: str, network: str | None, images: np.ndarray, batch_size: int = 64):
     """float32 embeddings [N, E] of uint8 images with jaxface, eval mode, float32."""
+    # jax only here: torchref.infer shares this module's command line without it.
     import jax
 
-    from jaxface.convert import load_backbone
     from jaxface.models import get_model
     from jaxface.step import make_embed_fn
 
-    params, stats, network = load_backbone(weights, network)
-    model = get_model(network, embedding_size=int(params["fc"]["bias"].shape[0]))
+    params, stats, info = load_backbone(weights, network)
+    model = get_model(info["network"], embedding_size=info["embedding_size"])
     with jax.default_matmul_precision("highest"):
         fn = jax.jit(make_embed_fn(model))
         chunks = [
@@ -88,18 +89,17 @@ def embed(weights: str, network: str | None, images: np.ndarray, batch_size: int
 
 def cli_main(prog: str, embed_fn, argv: list[str] | None) -> int:
     """The shared command line of jaxface.infer and torchref.infer."""
-    from jaxface.convert import ConvertError
 
-    args = build_parser(f"python -m {prog}").parse_args(argv)
-    try:
-        images = read_inputs(args)
-        emb = embed_fn(args.weights, args.network, images, args.batch_size)
-    except (InferError, ConvertError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    np.save(Path(args.out), emb)
-    print(f"{len(emb)} embeddings of size {emb.shape[1]} -> {args.out}")
-    return 0
+    def body(args: list[str]) -> int:
+        parsed = build_parser(f"python -m {prog}").parse_args(args)
+        out = refuse_existing(parsed.out)
+        images = read_inputs(parsed)
+        emb = embed_fn(parsed.weights, parsed.network, images, parsed.batch_size)
+        atomic_write(out, lambda f: np.save(f, emb))
+        print(f"{len(emb)} embeddings of size {emb.shape[1]} -> {out}")
+        return 0
+
+    return cli.run(prog, body, argv, ((InferError, 2),))
 
 
 def main(argv: list[str] | None = None) -> int:

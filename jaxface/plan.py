@@ -18,61 +18,15 @@ import sys
 GIB = 1024**3
 
 
-def _abstract(tree, shardings):
-    import jax
-
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
-    )
-
-
 def step_memory(cfg, num_devices: int) -> dict[str, int]:
     """Per-device bytes of the compiled train step for `cfg` on `num_devices` devices."""
-    import jax
-    import jax.numpy as jnp
+    # jax is imported here, not at the top: main() must set XLA_FLAGS (the virtual device
+    # count) before jax first loads.
+    from jaxface.mesh import make_mesh
+    from jaxface.setup import build
 
-    from jaxface.config import derive
-    from jaxface.heads import margin_from_config
-    from jaxface.mesh import batch_sharding, make_mesh, micro_batch_sharding, replicated
-    from jaxface.models import IMAGE_SIZE, get_model
-    from jaxface.optim import make_optimizer
-    from jaxface.precision import policy_from_config
-    from jaxface.step import make_init_fn, make_train_step, state_shardings
-
-    mesh = make_mesh(num_devices)
-    derived = derive(cfg, num_devices)
-    model = get_model(
-        cfg.network,
-        embedding_size=cfg.embedding_size,
-        policy=policy_from_config(cfg),
-        bn_groups=1 if cfg.sync_bn else num_devices,
-    )
-    tx, schedule = make_optimizer(cfg, derived)
-    init = make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded)
-    abstract = jax.eval_shape(init, 0)
-    shardings = state_shardings(abstract, mesh)
-    step = make_train_step(
-        model,
-        tx,
-        schedule,
-        margin_from_config(cfg),
-        cfg.num_classes,
-        mesh,
-        num_sample=derived.num_sample,
-        grad_accum=cfg.gradient_acc,
-    )
-    lead = () if cfg.gradient_acc == 1 else (cfg.gradient_acc,)
-    data_sharding = batch_sharding(mesh) if not lead else micro_batch_sharding(mesh)
-    images = jax.ShapeDtypeStruct(
-        (*lead, derived.global_batch, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8, sharding=data_sharding
-    )
-    labels = jax.ShapeDtypeStruct((*lead, derived.global_batch), jnp.int32, sharding=data_sharding)
-    compiled = (
-        jax.jit(step, donate_argnums=0, out_shardings=(shardings, replicated(mesh)))
-        .lower(_abstract(abstract, shardings), images, labels)
-        .compile()
-    )
-    stats = compiled.memory_analysis()
+    run = build(cfg, make_mesh(num_devices))
+    stats = run.lower().compile().memory_analysis()
     out = {
         "arguments": int(stats.argument_size_in_bytes),
         "outputs": int(stats.output_size_in_bytes),
@@ -82,7 +36,7 @@ def step_memory(cfg, num_devices: int) -> dict[str, int]:
     }
     # Donated state is updated in place: its outputs alias its arguments.
     out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-    head = 2 * derived.num_local_classes * cfg.embedding_size * 4  # centres + one slot
+    head = 2 * run.derived.num_local_classes * cfg.embedding_size * 4  # centres + one slot
     out["centres_and_momentum"] = head
     return out
 

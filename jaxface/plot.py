@@ -6,15 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxface.runlog import read_records
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")  # no display: files only, before pyplot loads a GUI backend
+import matplotlib.pyplot as plt  # noqa: E402
+
+from jaxface import cli  # noqa: E402
+from jaxface.runlog import read_records  # noqa: E402
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the run's curves from metrics.jsonl into a PNG (default RUN_DIR/curves.png)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     records = read_records(run_dir)
     train = [r for r in records if "loss" in r and "step" in r]
@@ -30,10 +33,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     axes[1].set(title="throughput", xlabel="step", ylabel="samples/s")
     for name in sorted({r["target"] for r in val}):
         rows = [r for r in val if r["target"] == name]
+        acc = np.array([100 * r["accuracy"] for r in rows])
+        std = np.array([100 * r["std"] for r in rows])
+        # Accuracy cannot pass 100 %: the bar's upper arm stops there.
         axes[2].errorbar(
             [r["step"] for r in rows],
-            [100 * r["accuracy"] for r in rows],
-            yerr=[100 * r["std"] for r in rows],
+            acc,
+            yerr=[np.minimum(std, acc), np.minimum(std, 100 - acc)],
             marker="o",
             capsize=3,
             label=name,
@@ -49,16 +55,15 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run("jaxface.plot", _main, argv, ((FileNotFoundError, 2), (ValueError, 2)))
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxface.plot", description=__doc__)
     parser.add_argument("run_dir")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/curves.png)")
     args = parser.parse_args(argv)
-    try:
-        path = plot_run(args.run_dir, args.out)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"jaxface.plot: error: {exc}", file=sys.stderr)
-        return 1
-    print(path)
+    print(plot_run(args.run_dir, args.out))
     return 0
 
 

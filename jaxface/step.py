@@ -11,8 +11,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxface.heads import Margin, init_class_centres, partial_fc_loss
-from jaxface.heads.partial_fc import gather_rows, sample_class_ids
+from jaxface.heads import Margin, gather_rows, init_class_centres, partial_fc_loss, sample_class_ids
 from jaxface.heads.sampled_sgd import SampledSGD
 from jaxface.mesh import DATA_AXIS
 from jaxface.models import IMAGE_SIZE, IResNet, normalize_images
@@ -29,7 +28,8 @@ class TrainState:
     loss_scale: LossScale  # fp16's dynamic loss scale (1 and unused otherwise)
 
 
-def _is_head(path) -> bool:
+def is_head(path) -> bool:
+    """True for a leaf under a "head" key: the class centres and their optimizer slots."""
     return any(getattr(k, "key", None) == "head" for k in path)
 
 
@@ -37,7 +37,7 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
     """Class centres (and their optimizer slots) split by class; everything else replicated."""
 
     def spec(path, leaf):
-        if _is_head(path) and leaf.ndim == 2:
+        if is_head(path) and leaf.ndim == 2:
             return NamedSharding(mesh, P(DATA_AXIS, None))
         return NamedSharding(mesh, P())
 
@@ -91,47 +91,126 @@ def make_train_step(
     averaged into one optimizer step (arcface_torch sums them, a known bug). `num_sample`
     turns on Partial FC sampling. `freeze_bn` runs BatchNorm on its running statistics.
     Metrics stay on the device.
+
+    With `SampledSGD` the step samples first and differentiates with respect to the sampled
+    rows only, then updates the whole matrix elementwise in place: no dense [C, E]
+    gradient. Otherwise the gradient flows through the gather to the whole matrix.
     """
     policy = model.policy
-    head_precision = policy.matmul_precision
-    sampled_sgd = isinstance(tx, SampledSGD)
-    if sampled_sgd and (num_sample is None or grad_accum != 1):
+    rows_only = isinstance(tx, SampledSGD)
+    if rows_only and (num_sample is None or grad_accum != 1):
         raise ValueError("SampledSGD needs num_sample (sample_rate < 1) and grad_accum 1")
-    num_devices = mesh.shape[DATA_AXIS]
+    num_local = -(-num_classes // mesh.shape[DATA_AXIS])  # each device's block of centres
 
-    def loss_fn(params, batch_stats, images, labels, key, scale, presampled=None):
-        # presampled: (class ids, rows per device) when params hold only the sampled rows.
-        dropout_key, sample_key = jax.random.split(key)
+    def loss_fn(params, batch_stats, images, labels, class_ids, dropout_key, scale):
         x = normalize_images(images, policy.compute_dtype)
         variables = {"params": params["backbone"], "batch_stats": batch_stats}
         if freeze_bn:
-            embeddings = model.apply(variables, x, train=False)
-            new_stats = batch_stats
+            embeddings, new_stats = model.apply(variables, x, train=False), batch_stats
         else:
             embeddings, updates = model.apply(
                 variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key}
             )
             new_stats = updates["batch_stats"]
+        centres = params["head"]["centres"]
+        rows = centres if rows_only else gather_rows(centres, class_ids, mesh=mesh)
         loss = partial_fc_loss(
             embeddings,
             labels,
-            params["head"]["centres"],
+            rows,
+            class_ids,
             margin=margin,
             num_classes=num_classes,
+            num_local=num_local,
             mesh=mesh,
-            precision=head_precision,
-            num_sample=num_sample,
-            key=sample_key,
-            class_ids=None if presampled is None else presampled[0],
-            num_local=None if presampled is None else presampled[1],
+            precision=policy.matmul_precision,
         )
         # fp16: the backward pass runs on the scaled loss so that small gradients survive.
         return loss * scale, (loss, new_stats)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def finish(state, params, batch_stats, opt_state, loss, grads, scale, finite):
-        """The next state and the step's metrics (kept on the device)."""
+    def micro_batch(params, batch_stats, images, labels, key, scale):
+        """(loss, BatchNorm statistics, scaled gradients, sampled class ids) of one batch."""
+        dropout_key, sample_key = jax.random.split(key)
+        class_ids = sample_class_ids(
+            labels,
+            sample_key,
+            num_classes=num_classes,
+            num_local=num_local,
+            num_sample=num_sample,
+            mesh=mesh,
+        )
+        if rows_only:
+            rows = gather_rows(params["head"]["centres"], class_ids, mesh=mesh)
+            params = {**params, "head": {"centres": rows}}
+        (_, (loss, stats)), grads = grad_fn(
+            params, batch_stats, images, labels, class_ids, dropout_key, scale
+        )
+        return loss, stats, grads, class_ids
+
+    def accumulated(state, images, labels, key, scale):
+        """Gradients averaged over the k micro-batches; BatchNorm statistics updated by
+        each in turn, as k forward passes in PyTorch would."""
+
+        def body(carry, inputs):
+            grad_sum, stats, loss_sum, i = carry
+            loss, stats, grads, _ = micro_batch(
+                state.params, stats, *inputs, jax.random.fold_in(key, i), scale
+            )
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (grad_sum, stats, loss_sum + loss, i + 1), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        carry = (zeros, state.batch_stats, jnp.zeros((), jnp.float32), 0)
+        # Unrolled: XLA:CPU runs convolutions inside a loop body far slower; k is small.
+        (grad_sum, stats, loss_sum, _), _ = jax.lax.scan(body, carry, (images, labels), unroll=True)
+        grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
+        return loss_sum / grad_accum, stats, grads, None
+
+    def keep_if_finite(finite, new, old):
+        # fp16 overflow: keep the parameters and optimizer state (GradScaler skips the
+        # step); BatchNorm statistics were updated by the forward pass, as in PyTorch.
+        if not policy.loss_scaling:
+            return new
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def apply_updates(state, grads, class_ids, finite):
+        """(params, optimizer state) after the update."""
+        if not rows_only:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            new = (optax.apply_updates(state.params, updates), opt_state)
+            return keep_if_finite(finite, new, (state.params, state.opt_state))
+        old_backbone = (state.params["backbone"], state.opt_state["backbone"])
+        updates, backbone_opt = tx.backbone.update(
+            grads["backbone"], old_backbone[1], old_backbone[0]
+        )
+        backbone, backbone_opt = keep_if_finite(
+            finite, (optax.apply_updates(old_backbone[0], updates), backbone_opt), old_backbone
+        )
+        centres, head_opt = tx.update_head(
+            state.params["head"]["centres"],
+            state.opt_state["head"],
+            class_ids,
+            grads["head"]["centres"],
+            finite if policy.loss_scaling else jnp.bool_(True),
+            mesh,
+        )
+        params = {"backbone": backbone, "head": {"centres": centres}}
+        return params, {"backbone": backbone_opt, "head": head_opt}
+
+    def train_step(state: TrainState, images, labels):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        scale = state.loss_scale.scale
+        if grad_accum == 1:
+            loss, stats, grads, class_ids = micro_batch(
+                state.params, state.batch_stats, images, labels, key, scale
+            )
+        else:
+            loss, stats, grads, class_ids = accumulated(state, images, labels, key, scale)
+        grads = jax.tree.map(lambda g: g / scale, grads)
+        finite = all_finite(grads)
+        params, opt_state = apply_updates(state, grads, class_ids, finite)
         metrics = {
             "loss": loss,
             "lr": schedule(state.step),
@@ -142,100 +221,13 @@ def make_train_step(
         new_state = state.replace(
             step=state.step + 1,
             params=params,
-            batch_stats=batch_stats,
+            batch_stats=stats,
             opt_state=opt_state,
             loss_scale=state.loss_scale.update(finite) if policy.loss_scaling else state.loss_scale,
         )
         return new_state, metrics
 
-    def sampled_train_step(state: TrainState, images, labels):
-        # Sample first, differentiate with respect to the sampled rows only, then update
-        # the whole matrix elementwise in place (SampledSGD): no dense [C, E] gradient.
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        scale = state.loss_scale.scale
-        centres = state.params["head"]["centres"]
-        num_local = centres.shape[0] // num_devices
-        _, sample_key = jax.random.split(step_key)  # the key loss_fn would sample with
-        class_ids = sample_class_ids(
-            labels,
-            sample_key,
-            num_classes=num_classes,
-            num_local=num_local,
-            num_sample=num_sample,
-            mesh=mesh,
-        )
-        params = {
-            "backbone": state.params["backbone"],
-            "head": {"centres": gather_rows(centres, class_ids, mesh=mesh)},
-        }
-        (_, (loss, batch_stats)), grads = grad_fn(
-            params, state.batch_stats, images, labels, step_key, scale, (class_ids, num_local)
-        )
-        grads = jax.tree.map(lambda g: g / scale, grads)
-        finite = all_finite(grads)
-        updates, backbone_opt = tx.backbone.update(
-            grads["backbone"], state.opt_state["backbone"], state.params["backbone"]
-        )
-        backbone = optax.apply_updates(state.params["backbone"], updates)
-        if policy.loss_scaling:
-            backbone, backbone_opt = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old),
-                (backbone, backbone_opt),
-                (state.params["backbone"], state.opt_state["backbone"]),
-            )
-        centres, head_opt = tx.update_head(
-            centres,
-            state.opt_state["head"],
-            class_ids,
-            grads["head"]["centres"],
-            finite if policy.loss_scaling else jnp.bool_(True),
-            mesh,
-        )
-        params = {"backbone": backbone, "head": {"centres": centres}}
-        opt_state = {"backbone": backbone_opt, "head": head_opt}
-        return finish(state, params, batch_stats, opt_state, loss, grads, scale, finite)
-
-    def train_step(state: TrainState, images, labels):
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        scale = state.loss_scale.scale
-        if grad_accum == 1:
-            (_, (loss, batch_stats)), grads = grad_fn(
-                state.params, state.batch_stats, images, labels, step_key, scale
-            )
-        else:
-
-            def micro_step(carry, inputs):
-                grad_sum, stats, loss_sum, i = carry
-                (_, (loss, stats)), grads = grad_fn(
-                    state.params, stats, *inputs, jax.random.fold_in(step_key, i), scale
-                )
-                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-                return (grad_sum, stats, loss_sum + loss, i + 1), None
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            carry = (zeros, state.batch_stats, jnp.zeros((), jnp.float32), 0)
-            # Unrolled: XLA:CPU runs convolutions inside a loop body far slower; k is small.
-            (grad_sum, batch_stats, loss_sum, _), _ = jax.lax.scan(
-                micro_step, carry, (images, labels), unroll=True
-            )
-            grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
-            loss = loss_sum / grad_accum
-        grads = jax.tree.map(lambda g: g / scale, grads)
-        finite = all_finite(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if policy.loss_scaling:
-            # Overflow: keep the parameters and optimizer state (GradScaler skips the step);
-            # BatchNorm statistics were updated by the forward pass, as in PyTorch.
-            params = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old), params, state.params
-            )
-            opt_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old), opt_state, state.opt_state
-            )
-        return finish(state, params, batch_stats, opt_state, loss, grads, scale, finite)
-
-    return sampled_train_step if sampled_sgd else train_step
+    return train_step
 
 
 def make_embed_fn(model: IResNet):

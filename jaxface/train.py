@@ -1,8 +1,9 @@
 """python -m jaxface.train --config configs/r50.py [--config.KEY=VALUE ...]
 
-Sections: config, mesh, output, input, model, state (born sharded or restored), step,
-evaluation, loop. Exit status: 0 done, 1 the run failed (non-finite loss, a checkpoint
-that cannot be used), 2 bad config or arguments.
+Sections of `train()`: processes and mesh, the run (`jaxface.setup.build`), output, input,
+state (born sharded or restored), evaluation, loop, summary. Exit status: 0 done, 1 the run
+failed (non-finite loss, a checkpoint that cannot be used, an unreachable coordinator), 2
+bad config, arguments or data (`EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -12,410 +13,287 @@ import json
 import math
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxface import cli
+from jaxface.checkpoint import Checkpointer, CheckpointError, check_data_stream, set_aside
+from jaxface.config import ConfigError, load_config, parse_overrides
+from jaxface.data.loader import LoaderError
+from jaxface.data.recordio import RecordIOError
+from jaxface.data.training import make_loader, prepare, step_batch, verification_paths
+from jaxface.data.verification import VerificationSetError
+from jaxface.distributed import DistributedError
+from jaxface.distributed import initialize as initialize_distributed
+from jaxface.export import export_backbone
+from jaxface.feed import DeviceFeed
+from jaxface.fileio import ConvertError, atomic_write
+from jaxface.mesh import MeshError, make_mesh
+from jaxface.progress import Meter, Progress, format_duration
+from jaxface.runlock import FolderLockedError, RunLock
+from jaxface.runlog import RunLog
+from jaxface.setup import Run, build
+from jaxface.stopping import Stopped, StopRequest
+from jaxface.verify import Verifier, format_result
+from jaxface.weights import load_backbone
+
 DEFAULT_CONFIG = "configs/demo.py"
-SYNTHETIC_VAL_PAIRS = 600
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on; the message says why."""
 
 
-def _parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxface.train",
-        description="Train an ArcFace-family model. Any config key can be overridden with "
-        "--config.KEY=VALUE (see configs/base.py for the keys).",
-    )
-    parser.add_argument(
-        "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)"
-    )
-    return parser.parse_known_args(argv)
-
-
-def _prepare_output(cfg, derived, is_main: bool) -> Path:
-    out = Path(cfg.output)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if not is_main:
-            return out
-        resolved = {"config": cfg.to_dict(), "source": cfg.source, "derived": vars(derived)}
-        name = (
-            "config.json"
-            if not cfg.resume
-            else f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        )
-        (out / name).write_text(json.dumps(resolved, indent=2) + "\n")
-    except OSError as exc:
-        raise TrainingError(f"config key 'output'={cfg.output!r} cannot be written: {exc}") from exc
-    return out
-
-
-def _val_paths(cfg, out: Path, stream) -> list[Path]:
-    """Resolve val_targets to .bin files; the synthetic set is written on first use."""
-    from jaxface.config import ConfigError
-    from jaxface.data.synthetic import write_synthetic_bin
-
-    paths = []
-    for target in cfg.val_targets:
-        if target == "synthetic":
-            if cfg.rec != "synthetic" and not cfg.pack_synthetic:
-                raise ConfigError(
-                    f"{cfg.source}: val target 'synthetic' needs synthetic training data "
-                    "(rec='synthetic' or pack_synthetic=true)"
-                )
-            path = out / "synthetic.bin"
-            if not path.exists():
-                write_synthetic_bin(path, stream, SYNTHETIC_VAL_PAIRS)
-        elif target.endswith(".bin"):
-            path = Path(target)
-        else:
-            path = Path(cfg.rec) / f"{target}.bin"
-        if not path.is_file():
-            raise ConfigError(
-                f"{cfg.source}: config key 'val_targets': {target!r} -> {path} does not exist"
-            )
-        paths.append(path)
-    return paths
+# The one place where failures become exit statuses: 2 for the user's input, 1 for the run.
+# With jaxface.cli's common input errors; a stopped run (Stopped) exits with 128 + the
+# signal's number instead.
+EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
+    (MeshError, 2),
+    (RecordIOError, 2),
+    (FolderLockedError, 2),
+    (TrainingError, 1),
+    (CheckpointError, 1),
+    (DistributedError, 1),
+    (VerificationSetError, 1),
+    (LoaderError, 1),
+)
 
 
 def train(cfg) -> dict:
-    """Run the job `cfg` describes. Returns a summary; raises TrainingError or ConfigError."""
-    import jax
-    import numpy as np
-
-    from jaxface.checkpoint import Checkpointer, CheckpointError, set_aside
-    from jaxface.config import ConfigError, derive
-    from jaxface.data import SyntheticFaces, SyntheticStream
-    from jaxface.data.verification import VerificationSetError
-    from jaxface.distributed import DistributedError
-    from jaxface.distributed import initialize as initialize_distributed
-    from jaxface.export import export_backbone
-    from jaxface.feed import DeviceFeed
-    from jaxface.heads import margin_from_config
-    from jaxface.mesh import (
-        MeshError,
-        batch_sharding,
-        make_mesh,
-        micro_batch_sharding,
-        replicated,
-    )
-    from jaxface.models import get_model
-    from jaxface.optim import make_optimizer
-    from jaxface.precision import policy_from_config
-    from jaxface.progress import Meter, Progress, format_duration
-    from jaxface.runlog import RunLog
-    from jaxface.step import make_embed_fn, make_init_fn, make_train_step, state_shardings
-    from jaxface.verify import Verifier, format_result
-
+    """Run the job `cfg` describes. Returns a summary; raises one of EXIT_CODES' types."""
     # --- Processes and mesh: 1-D over every device of every process; backbone
     # data-parallel, class centres split.
-    try:
-        initialize_distributed(cfg)
-    except DistributedError as exc:
-        raise TrainingError(str(exc)) from None
-    try:
-        mesh = make_mesh(cfg.num_devices)
-    except MeshError as exc:
-        raise ConfigError(f"{cfg.source}: {exc}") from None
-    derived = derive(cfg, mesh.size)
-    is_main = jax.process_index() == 0
-    out = _prepare_output(cfg, derived, is_main)
-
-    # --- Input: this process's rows of each global batch, a pure function of the step.
-    stream = SyntheticStream(
-        SyntheticFaces(cfg.num_classes, cfg.seed, cfg.synthetic_noise, cfg.synthetic_jitter),
-        cfg.num_image,
-        derived.global_batch,
-        cfg.seed,
-    )
-    loader = _make_loader(cfg, derived, is_main)
-    try:
-        val_paths = _val_paths(cfg, out, stream)
-    except VerificationSetError as exc:
-        loader.close()
-        raise TrainingError(str(exc)) from None
-
-    # --- Model, head, optimizer.
-    policy = policy_from_config(cfg)
-    model = get_model(
-        cfg.network,
-        embedding_size=cfg.embedding_size,
-        dropout=cfg.dropout,
-        policy=policy,
-        bn_groups=1 if cfg.sync_bn else mesh.size,
-    )
-    tx, schedule = make_optimizer(cfg, derived)
-    margin = margin_from_config(cfg)
-
-    # --- State: born sharded (shapes first, then a jitted init that lands each leaf in
-    # place), or restored from the latest checkpoint straight into the same shardings.
-    init = make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded)
-    abstract = jax.eval_shape(init, 0)
-    shardings = state_shardings(abstract, mesh)
-    # Only process 0 talks and writes logs; every process takes part in checkpoints.
+    initialize_distributed(cfg)
+    run = build(cfg, make_mesh(cfg.num_devices))
+    derived, is_main = run.derived, jax.process_index() == 0
     progress = Progress(cfg.progress, derived.run_steps, quiet=not is_main)
-    checkpoint_dir = out / "checkpoints"
-    if cfg.resume:
-        checkpointer = Checkpointer(checkpoint_dir, cfg.keep_checkpoints)
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-        try:
-            state, meta = checkpointer.restore(target, cfg.to_dict())
-        except CheckpointError as exc:
-            checkpointer.close()
-            raise TrainingError(str(exc)) from None
+    with ExitStack() as cleanup:
+        cleanup.callback(progress.close)
+        # --- Input first: bad data stops the run before anything is written. This
+        # process's rows of each global batch, a pure function of the step.
+        loader = _open_input(cfg, derived.global_batch, is_main, progress.message)
+        cleanup.callback(loader.close)
+        out = _claim_output(cfg, derived, is_main, cleanup, progress.message)
+        val_paths = verification_paths(cfg, out)
+
+        # --- State: born sharded, or restored from the newest usable checkpoint. Only
+        # process 0 talks and writes logs; every process takes part in checkpoints.
+        stream = _data_stream(cfg, derived, loader)
+        state, checkpointer = _restore_or_init(run, out / "checkpoints", stream, progress.message)
+        cleanup.callback(checkpointer.close)
         start_step = int(jax.device_get(state.step))
-        progress.message(
-            f"resumed from {checkpointer.directory / str(start_step)} (step {start_step}, saved "
-            f"on {meta.get('num_devices', '?')} device(s), now {mesh.size})"
+        verifier = (
+            Verifier(val_paths, run.mesh, run.embed, derived.global_batch) if val_paths else None
         )
-    else:
-        moved = set_aside(checkpoint_dir) if is_main else None
-        if moved:
-            progress.message(f"earlier checkpoints of {out} moved to {moved} (resume=false)")
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+        log = RunLog(out, cfg.tensorboard, append=cfg.resume, enabled=is_main)
+        cleanup.callback(log.close)
+        progress.message(_header(run, state, start_step, out))
 
-            multihost_utils.sync_global_devices("checkpoints set aside")
-        checkpointer = Checkpointer(checkpoint_dir, cfg.keep_checkpoints)
-        state = jax.jit(init, out_shardings=shardings)(cfg.seed)
-        start_step = 0
-        if cfg.init_from is not None:
-            state = _init_backbone_from(cfg, state, shardings)
-            progress.message(f"backbone initialised from {cfg.init_from} (head is fresh)")
+        def evaluate(step: int) -> list[dict]:
+            records = []
+            for name, (result, best) in verifier.run(
+                state.params["backbone"], state.batch_stats
+            ).items():
+                progress.message(format_result(name, step, result, best))
+                record = {"step": step, "event": "val", "target": name, **result.as_dict()}
+                log.write({**record, "best": best}, prefix=f"val/{name}")
+                records.append(record)
+            return records
 
-    # --- Step: donated state, explicit output shardings.
-    step_fn = jax.jit(
-        make_train_step(
-            model,
-            tx,
-            schedule,
-            margin,
-            cfg.num_classes,
-            mesh,
-            num_sample=derived.num_sample,
-            grad_accum=cfg.gradient_acc,
-        ),
-        donate_argnums=0,
-        out_shardings=(shardings, replicated(mesh)),
-    )
-    embed_fn = jax.jit(make_embed_fn(model))
-    verifier = Verifier(val_paths, mesh, embed_fn, derived.global_batch) if val_paths else None
-    log = RunLog(out, cfg.tensorboard, append=cfg.resume, enabled=is_main)
+        def save(step: int) -> None:
+            checkpointer.save(step, state, _checkpoint_meta(run, step, stream))
 
-    n_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
-    progress.message(
-        f"jaxface: {cfg.network} ({n_params:,} backbone params), {cfg.num_classes:,} classes "
-        f"over {mesh.size} {mesh.devices.flat[0].platform} device(s) "
-        f"{f'in {jax.process_count()} processes ' if jax.process_count() > 1 else ''}"
-        f"({derived.num_local_classes:,} each), global batch {derived.global_batch}, "
-        f"{cfg.precision}, steps {start_step + 1}-{derived.run_steps} -> {out}"
-    )
-
-    def checkpoint(step: int) -> None:
-        meta = {
-            "config": cfg.to_dict(),
-            "step": step,
-            "epoch": step / derived.steps_per_epoch,
-            # The input stream is a pure function of the step: this is the data position.
-            "data_position": {"next_step": step},
-            "num_devices": mesh.size,
-            "num_classes_padded": derived.num_classes_padded,
-        }
-        checkpointer.save(step, state, meta)
-
-    def evaluate(step: int) -> list[dict]:
-        results = verifier.run(state.params["backbone"], state.batch_stats)
-        records = []
-        for name, (result, best) in results.items():
-            progress.message(format_result(name, step, result, best))
-            record = {
-                "step": step,
-                "event": "val",
-                "target": name,
-                **result.as_dict(),
-                "best": best,
-            }
-            log.write(record, prefix=f"val/{name}")
-            records.append(record)
-        return records
-
-    # --- Loop. Metrics stay on the device until a log step fetches them all at once.
-    feed = DeviceFeed(
-        lambda step: _step_batch(loader, step, cfg.gradient_acc),
-        batch_sharding(mesh) if cfg.gradient_acc == 1 else micro_batch_sharding(mesh),
-        start=start_step,
-        stop=derived.run_steps,
-    )
-    meter = Meter(derived.run_steps, derived.global_batch)
-    pending: list = []
-    history: list[dict] = []
-    val_records: list[dict] = []
-    t_start = time.perf_counter()
-    step = start_step
-    try:
+        # --- Loop. Metrics stay on the device until a log step fetches them all at once.
+        feed = DeviceFeed(
+            lambda step: step_batch(loader, step, cfg.gradient_acc),
+            run.data_sharding,
+            start=start_step,
+            stop=derived.run_steps,
+        )
+        cleanup.callback(feed.close)
+        meter = Meter(derived.run_steps, derived.global_batch)
+        pending, history, val_records = [], [], []
+        t_start = time.perf_counter()
+        step = saved = start_step
+        stop = cleanup.enter_context(StopRequest(cfg.signal_timeout, progress.message))
         for step, (images, labels) in enumerate(feed, start=start_step + 1):
-            state, metrics = step_fn(state, images, labels)
+            state, metrics = run.train_step(state, images, labels)
             pending.append(metrics)
             if step == start_step + 1:
                 jax.block_until_ready(metrics)
                 meter.start(step)
-                progress.message(
-                    f"step {step} compiled and ran in {time.perf_counter() - t_start:.1f} s"
-                )
+                took = time.perf_counter() - t_start
+                progress.message(f"step {step} compiled and ran in {took:.1f} s")
             last = step == derived.run_steps
             epoch_end = step % derived.steps_per_epoch == 0
-            if step % cfg.frequent == 0 or last:
-                history.append(
-                    _log_window(step, pending, derived, meter, history, policy.loss_scaling)
-                )
+            if step % cfg.frequent == 0 or last or stop.signum:
+                history.append(_log_window(step, pending, run, meter, history))
                 pending.clear()
                 log.write(history[-1])
                 progress.update(history[-1])
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or epoch_end or last:
-                checkpoint(step)
+                save(step)
+                saved = step
             if (epoch_end or last) and is_main:
                 export_backbone(out, state.params["backbone"], state.batch_stats, cfg.network, step)
             if verifier is not None and (step % cfg.verbose == 0 or last):
                 val_records += evaluate(step)
-    except KeyboardInterrupt:
-        progress.message(f"interrupted after step {step}; resume with --config.resume=true")
-        raise
-    finally:
-        feed.close()
-        loader.close()
-        progress.close()
-        checkpointer.close()
-        log.close()
-
-    if not history:
-        progress.message(
-            f"nothing to do: the checkpoint is at step {start_step} of {derived.run_steps}"
-        )
-        return {"steps": derived.run_steps, "state": state, "history": [], "val": []}
-    summary = {
-        "steps": derived.run_steps,
-        "first_loss": history[0]["loss"],
-        "final_loss": history[-1]["loss"],
-        "wall_s": time.perf_counter() - t_start,
-    }
-    rates = [r["samples_per_sec"] for r in history if r["samples_per_sec"] == r["samples_per_sec"]]
-    if rates:
-        summary["samples_per_sec"] = float(np.median(rates))
-    if val_records:
-        summary["val"] = {r["target"]: r["accuracy"] for r in val_records[-len(val_paths) :]}
+            if stop.signum:
+                break
+        if stop.signum:
+            if saved != step:
+                save(step)
+            checkpointer.wait()
+            raise Stopped(
+                f"stopped by {stop.name} after step {step}; its checkpoint is "
+                f"{checkpointer.directory / str(step)}: continue with --config.resume=true",
+                stop.signum,
+            )
+    summary = _summarize(run, start_step, history, val_records, time.perf_counter() - t_start)
     if is_main:
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"event": "summary", **summary}) + "\n")
-    val_text = "".join(f", {k} accuracy {100 * v:.2f}%" for k, v in summary.get("val", {}).items())
-    took = format_duration(summary["wall_s"])
-    progress.message(
-        f"done: steps {start_step + 1}-{derived.run_steps} in {took}, "
-        f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}{val_text}; "
-        f"logs, checkpoints and backbone in {out}"
-    )
+    progress.message(_summary_line(summary, start_step, derived.run_steps, out))
     return {**summary, "state": state, "history": history, "val_records": val_records}
 
 
-def _init_backbone_from(cfg, state, shardings):
+def _header(run: Run, state, start_step: int, out: Path) -> str:
+    cfg, derived = run.cfg, run.derived
+    n_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
+    processes = f"in {jax.process_count()} processes " if jax.process_count() > 1 else ""
+    return (
+        f"jaxface: {cfg.network} ({n_params:,} backbone params), {cfg.num_classes:,} classes "
+        f"over {run.mesh.size} {run.mesh.devices.flat[0].platform} device(s) {processes}"
+        f"({derived.num_local_classes:,} each), global batch {derived.global_batch}, "
+        f"{cfg.precision}, steps {start_step + 1}-{derived.run_steps} -> {out}"
+    )
+
+
+def _claim_output(cfg, derived, is_main: bool, cleanup: ExitStack, say) -> Path:
+    """The output folder: checked, locked for this run (process 0), and the resolved config
+    written into it (a resume writes its own copy)."""
+    out = Path(cfg.output)
+    for path in (out, out / "checkpoints"):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(
+                f"config key 'output'={cfg.output!r}: {path} is a file, not a folder; "
+                "choose another output folder"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not is_main:
+            return out
+        lock = RunLock(out, warn=say)
+        cleanup.callback(lock.release)
+        resolved = {"config": cfg.to_dict(), "source": cfg.source, "derived": vars(derived)}
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = f"config.resume-{stamp}.json" if cfg.resume else "config.json"
+        text = json.dumps(resolved, indent=2) + "\n"
+        atomic_write(out / name, lambda f: f.write(text.encode()))
+    except OSError as exc:
+        raise ConfigError(f"config key 'output'={cfg.output!r} cannot be written: {exc}") from None
+    return out
+
+
+def _open_input(cfg, global_batch: int, is_main: bool, say):
+    """This process's loader; process 0 packs synthetic data first, the others wait."""
+    if is_main:
+        prepare(cfg, say)
+    if cfg.pack_synthetic and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("synthetic pack written")
+    return make_loader(cfg, global_batch, jax.process_index(), jax.process_count())
+
+
+def _data_stream(cfg, derived, loader) -> dict:
+    """What fixes the sequence of batches: a resume must agree on it to be exact."""
+    return {
+        "global_batch": derived.global_batch,
+        "gradient_acc": cfg.gradient_acc,
+        "seed": cfg.seed,
+        "rec": cfg.rec,
+        "num_images": loader.num_samples,
+    }
+
+
+def _restore_or_init(run: Run, checkpoint_dir: Path, stream: dict, say):
+    """(state, checkpointer): the newest usable checkpoint when resuming, else a fresh
+    state (and earlier checkpoints moved aside, never overwritten)."""
+    cfg, is_main = run.cfg, jax.process_index() == 0
+    if cfg.resume:
+        checkpointer = Checkpointer(checkpoint_dir, cfg.keep_checkpoints)
+        try:
+            state, meta = checkpointer.restore(run.abstract_state, cfg.to_dict(), warn=say)
+            changed = check_data_stream(meta, stream, cfg.allow_data_change)
+        except BaseException:
+            checkpointer.close()
+            raise
+        if changed:
+            say(f"warning: the data stream changed on resume ({', '.join(changed)})")
+        step = int(jax.device_get(state.step))
+        say(
+            f"resumed from {checkpointer.directory / str(step)} (step {step}, saved on "
+            f"{meta.get('num_devices', '?')} device(s), now {run.mesh.size})"
+        )
+        return state, checkpointer
+    if is_main:  # an earlier run's results are moved aside, never overwritten
+        for earlier in (checkpoint_dir, checkpoint_dir.parent / "metrics.jsonl"):
+            moved = set_aside(earlier)
+            if moved:
+                say(f"{earlier} of an earlier run moved to {moved.name} (resume=false)")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("checkpoints set aside")
+    checkpointer = Checkpointer(checkpoint_dir, cfg.keep_checkpoints)
+    state = run.init_state()
+    if cfg.init_from is not None:
+        state = _init_backbone_from(run, state)
+        say(f"backbone initialised from {cfg.init_from} (head is fresh)")
+    return state, checkpointer
+
+
+def _init_backbone_from(run: Run, state):
     """Fine-tuning: a released backbone (torch model.pt or jaxface .npz), a fresh head.
 
     The optimizer state needs no change: momentum and Adam moments start at zero."""
-    import jax
-
-    from jaxface.config import ConfigError
-    from jaxface.convert import ConvertError, init_backbone_from_torch
-
+    cfg = run.cfg
     try:
-        params, stats = init_backbone_from_torch(cfg.init_from, cfg.network, cfg.embedding_size)
+        params, stats, _ = load_backbone(cfg.init_from, cfg.network, cfg.embedding_size)
     except ConvertError as exc:
         raise ConfigError(
             f"{cfg.source}: config key 'init_from'={cfg.init_from!r}: {exc}"
         ) from None
+    backbone = jax.device_put(params, run.shardings.params["backbone"])
     return state.replace(
-        params={**state.params, "backbone": jax.device_put(params, shardings.params["backbone"])},
-        batch_stats=jax.device_put(stats, shardings.batch_stats),
+        params={**state.params, "backbone": backbone},
+        batch_stats=jax.device_put(stats, run.shardings.batch_stats),
     )
 
 
-def _make_loader(cfg, derived, is_main: bool):
-    """The host loader over cfg.rec: RecordIO, image folder, TFDS or in-memory synthetic."""
-    import jax
-
-    from jaxface.config import ConfigError
-    from jaxface.data import HostLoader, RecordIOError, SyntheticDataset, open_source
-    from jaxface.data.pack import ensure_synthetic
-
-    if cfg.rec == "synthetic":
-        source = SyntheticDataset(
-            cfg.num_classes, cfg.num_image, cfg.seed, cfg.synthetic_noise, cfg.synthetic_jitter
-        )
-    else:
-        if cfg.pack_synthetic and is_main:
-            # Held-out samples (numbers >= num_image // C) stay out of the file.
-            ensure_synthetic(
-                cfg.rec,
-                cfg.num_classes,
-                cfg.num_image // cfg.num_classes,
-                cfg.seed,
-                cfg.synthetic_noise,
-                cfg.synthetic_jitter,
-                workers=cfg.num_workers or None,
-            )
-        if cfg.pack_synthetic and jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("synthetic pack written")
-        try:
-            source = open_source(cfg.rec, num_classes=cfg.num_classes)
-        except (RecordIOError, OSError, ValueError) as exc:
-            raise ConfigError(f"{cfg.source}: config key 'rec'={cfg.rec!r}: {exc}") from None
-        if source.num_classes > cfg.num_classes:
-            raise ConfigError(
-                f"{cfg.source}: config key 'num_classes'={cfg.num_classes}, but {cfg.rec} has "
-                f"{source.num_classes} identities"
-            )
-    try:
-        return HostLoader(
-            source,
-            derived.global_batch,
-            seed=cfg.seed,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            workers=cfg.num_workers,
-            flip=cfg.flip,
-            augment=cfg.augment,
-            skip_corrupt=cfg.skip_corrupt,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"{cfg.source}: config key 'rec'={cfg.rec!r}: {exc}") from None
+def _checkpoint_meta(run: Run, step: int, stream: dict) -> dict:
+    return {
+        "config": run.cfg.to_dict(),
+        "data_stream": stream,
+        "step": step,
+        "epoch": step / run.derived.steps_per_epoch,
+        # The input stream is a pure function of the step: this is the data position.
+        "data_position": {"next_step": step},
+        "num_devices": run.mesh.size,
+        "num_classes_padded": run.derived.num_classes_padded,
+    }
 
 
-def _step_batch(loader, step: int, grad_accum: int):
-    """This process's rows of optimizer step `step`: one batch, or [k, rows, ...] for k > 1."""
-    import numpy as np
-
-    if grad_accum == 1:
-        return loader.batch(step)
-    micro = [loader.batch(step * grad_accum + i) for i in range(grad_accum)]
-    return tuple(np.stack(parts) for parts in zip(*micro, strict=True))
-
-
-def _log_window(step, pending, derived, meter, history, loss_scaling=False) -> dict:
+def _log_window(step: int, pending: list, run: Run, meter: Meter, history: list) -> dict:
     """Fetch the pending metrics (the only host sync), check them, make one log record.
 
     Under fp16 loss scaling a non-finite step is skipped and the scale halved (GradScaler);
     the run stops only when the scale has collapsed below 1, i.e. real divergence."""
-    import jax
-    import numpy as np
-
     fetched = jax.device_get(pending)
     first_step = step - len(fetched) + 1
     for i, m in enumerate(fetched):
-        tolerated = loss_scaling and float(m["loss_scale"]) >= 1.0
+        tolerated = run.policy.loss_scaling and float(m["loss_scale"]) >= 1.0
         if not math.isfinite(float(m["loss"])) and not tolerated:
             last = f"; the last finite loss was {history[-1]['loss']:.4f}" if history else ""
             raise TrainingError(
@@ -426,7 +304,7 @@ def _log_window(step, pending, derived, meter, history, loss_scaling=False) -> d
     finite = [float(m["loss"]) for m in fetched if math.isfinite(float(m["loss"]))]
     return {
         "step": step,
-        "epoch": (step - 1) // derived.steps_per_epoch,
+        "epoch": (step - 1) // run.derived.steps_per_epoch,
         "loss": float(np.mean(finite)) if finite else float("nan"),
         "skipped_steps": sum(not bool(m["grads_finite"]) for m in fetched),
         "loss_scale": float(fetched[-1]["loss_scale"]),
@@ -436,19 +314,48 @@ def _log_window(step, pending, derived, meter, history, loss_scaling=False) -> d
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jaxface.config import ConfigError, load_config, parse_overrides
+def _summarize(run: Run, start_step: int, history, val_records, wall_s: float) -> dict:
+    summary = {"steps": run.derived.run_steps, "first_step": start_step + 1, "wall_s": wall_s}
+    if not history:
+        return summary
+    summary |= {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
+    rates = [r["samples_per_sec"] for r in history if math.isfinite(r["samples_per_sec"])]
+    if rates:
+        summary["samples_per_sec"] = float(np.median(rates))
+    if val_records:
+        latest = {r["target"]: r["accuracy"] for r in val_records}  # the last of each set
+        summary["val"] = latest
+    return summary
 
-    args, rest = _parse_args(sys.argv[1:] if argv is None else argv)
+
+def _summary_line(summary: dict, start_step: int, run_steps: int, out: Path) -> str:
+    if "final_loss" not in summary:
+        return f"nothing to do: the checkpoint is at step {start_step} of {run_steps}"
+    val = "".join(f", {k} accuracy {100 * v:.2f}%" for k, v in summary.get("val", {}).items())
+    return (
+        f"done: steps {start_step + 1}-{run_steps} in {format_duration(summary['wall_s'])}, "
+        f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}{val}; "
+        f"logs, checkpoints and backbone in {out}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("jaxface.train", _main, argv, EXIT_CODES)
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxface.train",
+        description="Train an ArcFace-family model. Any config key can be overridden with "
+        "--config.KEY=VALUE (jaxface/defaults.py lists the keys); --debug shows tracebacks.",
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
+    args, rest = parser.parse_known_args(argv)
     try:
-        cfg = load_config(args.config, parse_overrides(rest))
-        train(cfg)
-    except ConfigError as exc:
-        print(f"jaxface.train: error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingError as exc:
-        print(f"jaxface.train: error: {exc}", file=sys.stderr)
-        return 1
+        train(load_config(args.config, parse_overrides(rest)))
+    except Stopped as exc:
+        print(f"jaxface.train: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

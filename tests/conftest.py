@@ -17,6 +17,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from jaxface.data.synthetic import SyntheticFaces, write_synthetic_bin  # noqa: E402
+from jaxface.heads import gather_rows, partial_fc_loss, sample_class_ids  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,8 +31,25 @@ def repo() -> Path:
 @pytest.fixture
 def small_val_bin(tmp_path) -> Path:
     """A 40-pair synthetic verification set for the tests' 12-class demo runs (seed 2048)."""
-    from jaxface.data.synthetic import SyntheticFaces, SyntheticStream, write_synthetic_bin
-
     path = tmp_path / "small_val.bin"
-    write_synthetic_bin(path, SyntheticStream(SyntheticFaces(12, seed=2048), 4000, 32, 2048), 40)
+    write_synthetic_bin(path, SyntheticFaces(12, seed=2048), 4000, 40)
     return path
+
+
+def head_loss(emb, labels, centres, *, margin, num_classes, mesh, num_sample=None, key=None):
+    """The class-sharded head as the train step runs it: pick rows, gather them, score."""
+    num_local = centres.shape[0] // mesh.size
+    ids = sample_class_ids(
+        labels, key, num_classes=num_classes, num_local=num_local, num_sample=num_sample, mesh=mesh
+    )
+    rows = gather_rows(centres, ids, mesh=mesh)
+    return partial_fc_loss(
+        emb,
+        labels,
+        rows,
+        ids,
+        margin=margin,
+        num_classes=num_classes,
+        num_local=num_local,
+        mesh=mesh,
+    )

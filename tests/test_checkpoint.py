@@ -13,10 +13,10 @@ import pytest
 
 from jaxface import eval as eval_cli
 from jaxface import plot as plot_cli
-from jaxface.checkpoint import Checkpointer
+from jaxface.checkpoint import Checkpointer, CheckpointError
 from jaxface.config import load_config
-from jaxface.convert import load_torch_state_dict, load_weights
-from jaxface.train import TrainingError, train
+from jaxface.train import train
+from jaxface.weights import load_torch_state_dict, load_weights
 
 
 def _cfg(repo, out, **overrides):
@@ -75,10 +75,10 @@ def test_interrupted_save_is_ignored_and_mismatches_are_refused(repo, tmp_path):
         ("embedding_size", 16, "written for embedding_size=32"),
         ("network", "r18", "written for network='iresnet_tiny', but the config says network='r18'"),
     ]:
-        with pytest.raises(TrainingError, match=message):
+        with pytest.raises(CheckpointError, match=message):
             train(_cfg(repo, out, max_steps=8, resume=True, **{key: value}))
 
-    with pytest.raises(TrainingError, match="holds no checkpoint; start without"):
+    with pytest.raises(CheckpointError, match="holds no checkpoint; start without"):
         train(_cfg(repo, tmp_path / "empty", max_steps=2, resume=True))
 
 

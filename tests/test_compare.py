@@ -18,7 +18,7 @@ def test_flop_count_matches_the_published_gmacs(name):
 
 
 def test_training_flops_of_r50_as_reference_md():
-    # REFERENCE.md: 37.9 GFLOP backbone + 1.9 GFLOP head per image = 39.8.
+    # docs/sources.md: 37.9 GFLOP backbone + 1.9 GFLOP head per image = 39.8.
     assert train_flops_per_image("r50", 617_970) / 1e9 == pytest.approx(39.8, rel=0.01)
     assert train_flops_per_image("r50", 617_970, sample_rate=0.1) < 38.2e9
 

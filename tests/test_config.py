@@ -3,7 +3,15 @@ import sys
 
 import pytest
 
-from jaxface.config import SCHEMA, ConfigError, derive, load_config, parse_overrides, validate
+from jaxface.config import (
+    CHECKS,
+    FIELDS,
+    ConfigError,
+    derive,
+    load_config,
+    parse_overrides,
+    validate,
+)
 from jaxface.train import main
 
 JOBS = ["r18", "r34", "r50", "r100", "r180", "r200"]
@@ -15,7 +23,10 @@ def test_base_defines_every_key(repo):
         from configs.base import get_config
     finally:
         sys.path.remove(str(repo))
-    assert set(get_config()) == set(SCHEMA)
+    assert set(get_config()) == set(FIELDS)
+    assert set(CHECKS) <= set(FIELDS)  # no rule for a key that does not exist
+    # Types come from the defaults: a float key given a whole number in a file stays float.
+    assert FIELDS["warmup_epoch"].kind is float and FIELDS["max_steps"].optional
 
 
 @pytest.mark.parametrize("job", JOBS)

@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jaxface import convert  # noqa: E402
-from jaxface.convert import ConvertError  # noqa: E402
+from jaxface import convert, convert_cli, head_shards, weights  # noqa: E402
+from jaxface.fileio import ConvertError  # noqa: E402
 from jaxface.models import get_model as jax_model  # noqa: E402
 from torchref import get_model as torch_model  # noqa: E402
 
@@ -76,10 +76,10 @@ def test_torch_jax_torch_is_bit_identical(network):
 def test_files_and_cli_round_trip(tmp_path):
     sd = _state_dict("iresnet_tiny", embedding_size=64, tracked=7)
     torch.save(sd, tmp_path / "model.pt")
-    assert convert.main(["torch2jax", str(tmp_path / "model.pt"), str(tmp_path / "w.npz")]) == 0
-    params, stats, meta = convert.load_weights(tmp_path / "w.npz")
+    assert convert_cli.main(["torch2jax", str(tmp_path / "model.pt"), str(tmp_path / "w.npz")]) == 0
+    params, stats, meta = weights.load_weights(tmp_path / "w.npz")
     assert meta == {"network": "iresnet_tiny", "num_batches_tracked": 7}
-    assert convert.main(["jax2torch", str(tmp_path / "w.npz"), str(tmp_path / "back.pt")]) == 0
+    assert convert_cli.main(["jax2torch", str(tmp_path / "w.npz"), str(tmp_path / "back.pt")]) == 0
     back = torch.load(tmp_path / "back.pt", weights_only=True)
     _assert_identical(
         {k: v.numpy() for k, v in back.items()}, {k: v.numpy() for k, v in sd.items()}
@@ -89,16 +89,16 @@ def test_files_and_cli_round_trip(tmp_path):
     # A DDP-wrapped state dict or a full training checkpoint is accepted too.
     torch.save({"state_dict_backbone": {f"module.{k}": v for k, v in sd.items()}},
                tmp_path / "ckpt.pt")  # fmt: skip
-    params2, _, network = convert.load_backbone(tmp_path / "ckpt.pt")
-    assert network == "iresnet_tiny"
+    params2, _, info = weights.load_backbone(tmp_path / "ckpt.pt")
+    assert info["network"] == "iresnet_tiny"
     pairs = zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True)
     assert all(np.array_equal(a, b) for a, b in pairs)
 
 
-def test_init_backbone_from_torch(tmp_path):
+def test_fine_tuning_loads_a_torch_backbone(tmp_path):
     sd = _state_dict("iresnet_tiny", embedding_size=64)
     torch.save(sd, tmp_path / "model.pt")
-    params, stats = convert.init_backbone_from_torch(tmp_path / "model.pt", "iresnet_tiny", 64)
+    params, stats, _ = weights.load_backbone(tmp_path / "model.pt", "iresnet_tiny", 64)
     model = jax_model("iresnet_tiny", embedding_size=64)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 112, 112, 3)).astype(np.float32)
     got = model.apply({"params": params, "batch_stats": stats}, x)
@@ -108,9 +108,9 @@ def test_init_backbone_from_torch(tmp_path):
         want = reference.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     with pytest.raises(ConvertError, match="embedding size 64, expected 128"):
-        convert.init_backbone_from_torch(tmp_path / "model.pt", "iresnet_tiny", 128)
-    with pytest.raises(ConvertError, match="looks like a iresnet_tiny state dict, not r18"):
-        convert.init_backbone_from_torch(tmp_path / "model.pt", "r18", 64)
+        weights.load_backbone(tmp_path / "model.pt", "iresnet_tiny", 128)
+    with pytest.raises(ConvertError, match="holds a iresnet_tiny backbone, not a r18"):
+        weights.load_backbone(tmp_path / "model.pt", "r18", 64)
 
 
 # --------------------------------------------------------------------------- head
@@ -121,30 +121,32 @@ def test_head_shards_resplit_exactly(num_classes):
     rng = np.random.default_rng(num_classes)
     full = rng.standard_normal((num_classes, 8)).astype(np.float32)
     for world in (1, 2, 3, 4, 5):
-        shards = convert.centres_to_shards(full, num_classes, world)
-        assert [s.shape[0] for s in shards] == convert.split_sizes(num_classes, world)
+        shards = head_shards.centres_to_shards(full, num_classes, world)
+        assert [s.shape[0] for s in shards] == head_shards.split_sizes(num_classes, world)
         # arcface_torch: the first C mod W ranks hold one class more, in rank order.
         assert shards[0].shape[0] == num_classes // world + (num_classes % world > 0)
         for devices in (1, 2, 3, 8):
-            centres = convert.shards_to_centres(shards, num_classes, devices)
+            centres = head_shards.shards_to_centres(shards, num_classes, devices)
             assert centres.shape[0] == -(-num_classes // devices) * devices
             assert not np.any(centres[num_classes:])
             for world2 in (1, 2, 4):
-                again = convert.centres_to_shards(centres, num_classes, world2)
-                back = convert.shards_to_centres(again, num_classes, 1)
+                again = head_shards.centres_to_shards(centres, num_classes, world2)
+                back = head_shards.shards_to_centres(again, num_classes, 1)
                 assert back.tobytes() == full.tobytes()
 
 
 def test_head_files_and_cli(tmp_path, repo):
     num_classes = 13
     full = np.random.default_rng(0).standard_normal((num_classes, 8)).astype(np.float32)
-    convert.save_head_shards(convert.centres_to_shards(full, num_classes, 3), tmp_path / "a")
-    assert convert.main(["head2jax", str(tmp_path / "a"), str(tmp_path / "h.npz"),
+    head_shards.save_head_shards(
+        head_shards.centres_to_shards(full, num_classes, 3), tmp_path / "a"
+    )
+    assert convert_cli.main(["head2jax", str(tmp_path / "a"), str(tmp_path / "h.npz"),
                          "--num-classes", "13"]) == 0  # fmt: skip
-    assert convert.load_head(tmp_path / "h.npz", num_classes, 8).shape == (16, 8)
-    assert convert.main(["head2torch", str(tmp_path / "h.npz"), str(tmp_path / "b"),
+    assert head_shards.load_head(tmp_path / "h.npz", num_classes, 8).shape == (16, 8)
+    assert convert_cli.main(["head2torch", str(tmp_path / "h.npz"), str(tmp_path / "b"),
                          "--num-classes", "13", "--world-size", "2"]) == 0  # fmt: skip
-    shards = convert.load_head_shards([tmp_path / "b"])
+    shards = head_shards.load_head_shards([tmp_path / "b"])
     assert [s.shape[0] for s in shards] == [7, 6]
     assert np.concatenate(shards).tobytes() == full.tobytes()
     ckpt = torch.load(tmp_path / "b" / "checkpoint_gpu_1.pt", weights_only=True)
@@ -209,37 +211,37 @@ def test_files_that_are_not_checkpoints(tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
     with pytest.raises(ConvertError, match="is not a PyTorch checkpoint"):
-        convert.load_torch_state_dict(junk)
+        weights.load_torch_state_dict(junk)
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ConvertError, match="holds a list, not a state dict"):
-        convert.load_torch_state_dict(tmp_path / "list.pt")
+        weights.load_torch_state_dict(tmp_path / "list.pt")
     with pytest.raises(ConvertError, match="does not exist"):
-        convert.load_torch_state_dict(tmp_path / "nope.pt")
+        weights.load_torch_state_dict(tmp_path / "nope.pt")
     (tmp_path / "junk.npz").write_text("not an npz")
     with pytest.raises(ConvertError, match="not a jaxface weights file"):
-        convert.load_weights(tmp_path / "junk.npz")
+        weights.load_weights(tmp_path / "junk.npz")
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ConvertError, match="not jaxface weights"):
-        convert.load_weights(tmp_path / "other.npz")
-    assert convert.main(["torch2jax", str(junk), str(tmp_path / "w.npz")]) == 2
+        weights.load_weights(tmp_path / "other.npz")
+    assert convert_cli.main(["torch2jax", str(junk), str(tmp_path / "w.npz")]) == 2
     assert "is not a PyTorch checkpoint" in capsys.readouterr().err
 
 
 def test_head_class_count_differs_from_config(tmp_path, repo):
-    shards = convert.centres_to_shards(np.ones((13, 4), np.float32), 13, 2)
+    shards = head_shards.centres_to_shards(np.ones((13, 4), np.float32), 13, 2)
     with pytest.raises(ConvertError, match="the head has 13 classes .* num_classes=12"):
-        convert.shards_to_centres(shards, 12, 8)
+        head_shards.shards_to_centres(shards, 12, 8)
     with pytest.raises(ConvertError, match="not arcface_torch's split"):
-        convert.shards_to_centres(shards[::-1], 13, 8)  # files out of rank order
+        head_shards.shards_to_centres(shards[::-1], 13, 8)  # files out of rank order
     with pytest.raises(ConvertError, match="non-zero rows beyond num_classes=12"):
-        convert.centres_to_shards(np.ones((13, 4), np.float32), 12, 2)
-    convert.save_head_shards(shards, tmp_path / "h")
+        head_shards.centres_to_shards(np.ones((13, 4), np.float32), 12, 2)
+    head_shards.save_head_shards(shards, tmp_path / "h")
     # configs/demo.py has 300 classes.
-    assert convert.main(["head2jax", str(tmp_path / "h"), str(tmp_path / "x.npz"),
+    assert convert_cli.main(["head2jax", str(tmp_path / "h"), str(tmp_path / "x.npz"),
                          "--config", str(repo / "configs/demo.py")]) == 2  # fmt: skip
     (tmp_path / "h" / "checkpoint_gpu_0.pt").unlink()
     with pytest.raises(ConvertError, match=r"shards of ranks \[0\] are missing"):
-        convert.load_head_shards([tmp_path / "h"])
-    convert.save_head(tmp_path / "j.npz", np.ones((13, 4), np.float32), 13)
+        head_shards.load_head_shards([tmp_path / "h"])
+    head_shards.save_head(tmp_path / "j.npz", np.ones((13, 4), np.float32), 13)
     with pytest.raises(ConvertError, match="holds 13 classes, but the config says num_classes=14"):
-        convert.load_head(tmp_path / "j.npz", 14, 2)
+        head_shards.load_head(tmp_path / "j.npz", 14, 2)

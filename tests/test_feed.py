@@ -8,9 +8,9 @@ import pytest
 from jaxface.data.loader import HostLoader
 from jaxface.data.pack import pack_synthetic
 from jaxface.data.sources import open_source
+from jaxface.data.training import step_batch
 from jaxface.feed import DeviceFeed
 from jaxface.mesh import batch_sharding, make_mesh, micro_batch_sharding
-from jaxface.train import _step_batch
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
@@ -21,7 +21,7 @@ def test_borrowed_batches_survive_ring_reuse(tmp_path, grad_accum):
     inline = HostLoader(source, 8, seed=3)
     with HostLoader(source, 8, seed=3, workers=1, prefetch=1) as pooled:
         # Two ring slots, six steps: every slot is refilled while earlier batches are held.
-        feed = DeviceFeed(lambda s: _step_batch(pooled, s, grad_accum), sharding, 0, 6, depth=3)
+        feed = DeviceFeed(lambda s: step_batch(pooled, s, grad_accum), sharding, 0, 6, depth=3)
         held = list(feed)
         feed.close()
     assert len(held) == 6

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import head_loss
 
-from jaxface.heads import Margin, init_class_centres, partial_fc_loss
+from jaxface.heads import Margin, init_class_centres
 from jaxface.mesh import batch_sharding, class_sharding, make_mesh
 
 
@@ -52,7 +53,7 @@ def _problem(num_classes, devices, batch=32, dim=16, seed=0):
 def _sharded_value_and_grads(emb, labels, centres, margin, num_classes, mesh):
     fn = jax.jit(
         jax.value_and_grad(
-            lambda e, w: partial_fc_loss(
+            lambda e, w: head_loss(
                 e, labels_s, w, margin=margin, num_classes=num_classes, mesh=mesh
             ),
             argnums=(0, 1),

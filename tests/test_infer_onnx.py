@@ -32,7 +32,7 @@ def _rel(a, b):
 def test_infer_clis_agree(weights, tmp_path, capsys):
     from PIL import Image
 
-    from jaxface import convert
+    from jaxface import convert_cli
 
     batch = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
     np.save(tmp_path / "x.npy", batch)
@@ -40,7 +40,7 @@ def test_infer_clis_agree(weights, tmp_path, capsys):
     for i, img in enumerate(batch):
         files.append(str(tmp_path / f"{i}.png"))  # lossless, so --images sees the same pixels
         Image.fromarray(img).save(files[-1])
-    assert convert.main(["torch2jax", str(weights), str(tmp_path / "w.npz")]) == 0
+    assert convert_cli.main(["torch2jax", str(weights), str(tmp_path / "w.npz")]) == 0
 
     runs = {
         "jax_pt_npy": (jax_infer, weights, ["--npy", str(tmp_path / "x.npy")]),

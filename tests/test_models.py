@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxface.convert import fc_from_torch, fc_to_torch
 from jaxface.models import BACKBONES, get_model
-from jaxface.models.iresnet import fc_kernel_from_torch, fc_kernel_to_torch
 from jaxface.models.layers import BatchNorm, PReLU
 from jaxface.precision import Policy
 
@@ -142,9 +142,9 @@ def test_fc_kernel_maps_torch_nchw_flatten():
     feature_nhwc = rng.normal(size=(2, h, w, c))
     torch_weight = rng.normal(size=(out, c * h * w))
     torch_out = feature_nhwc.transpose(0, 3, 1, 2).reshape(2, -1) @ torch_weight.T
-    kernel = fc_kernel_from_torch(torch_weight, c, h, w)
+    kernel = fc_from_torch(torch_weight, c, h, w)
     np.testing.assert_allclose(feature_nhwc.reshape(2, -1) @ kernel, torch_out, rtol=1e-12)
-    np.testing.assert_array_equal(fc_kernel_to_torch(kernel, c, h, w), torch_weight)
+    np.testing.assert_array_equal(fc_to_torch(kernel, c, h, w), torch_weight)
 
 
 def test_every_parameter_gets_a_gradient():

@@ -1,4 +1,4 @@
-"""RecordIO read/write against bytes built here from the format description (REFERENCE.md),
+"""RecordIO read/write against bytes built here from the format description (docs/sources.md),
 and every documented bad input."""
 
 import struct
@@ -386,7 +386,9 @@ def test_pack_and_inspect_commands(tmp_path, capsys, monkeypatch):
     assert pack_tool.main(["--synthetic", "3x4", "--seed", "1", str(tmp_path / "s")]) == 0
     assert "12 images, 3 identities" in capsys.readouterr().out
     (tmp_path / "s.idx").unlink()
-    code = inspect_tool.main(["s.rec", "--write-idx", "--check", "--identities", "2"])
+    code = inspect_tool.main(
+        ["s.rec", "--write-idx", "--check", "--identities", "2", "--montage", "s_montage.png"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     for text in (
@@ -402,8 +404,31 @@ def test_pack_and_inspect_commands(tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     assert Image.open(tmp_path / "s_montage.png").size == (8 * 112, 2 * 112)
-    assert pack_tool.main([str(tmp_path / "missing"), "x"]) == 1
-    assert "is not a folder" in capsys.readouterr().err
+    assert pack_tool.main([str(tmp_path / "missing"), "x"]) == 2
+    err = capsys.readouterr().err
+    assert "jaxface.data.pack: error:" in err and "is not a folder" in err
+    # No montage unless asked, and never over an existing file.
+    assert inspect_tool.main(["s.rec"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["s_montage.png"]
+    assert inspect_tool.main(["s.rec", "--montage", "s_montage.png"]) == 2
+    assert "already exists; refusing to overwrite" in capsys.readouterr().err
+
+
+def test_inspect_lists_every_bad_record_and_draws_odd_sizes(tmp_path, capsys):
+    from jaxface.data import inspect as inspect_tool
+
+    items = [(encode_jpeg(image(0)), 0), (encode_jpeg(image(1, size=100)), 0)]
+    items += [(b"\xff\xd8 broken", 1), (encode_jpeg(image(3)), 1), (b"\xff\xd8 also", 1)]
+    pack_records(tmp_path / "odd", items, image_size=None)
+    png = tmp_path / "m.png"
+    assert inspect_tool.main([str(tmp_path / "odd.rec"), "--check", "--montage", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "100x100x3: 1" in out and "unreadable" in out
+    assert out.count("BAD image") == 2 and "3 good, 2 bad" in out
+    assert "1 image(s) of another size resized" in out and "2 unreadable image(s)" in out
+    from PIL import Image
+
+    assert Image.open(png).size == (8 * 112, 2 * 112)
 
 
 def test_ensure_synthetic_packs_once_per_parameters(tmp_path):
@@ -414,7 +439,8 @@ def test_ensure_synthetic_packs_once_per_parameters(tmp_path):
     assert ensure_synthetic(tmp_path / "demo", 2, 3, seed=0).stat().st_mtime_ns == stamp
     ds = open_recordio(ensure_synthetic(tmp_path / "demo", 2, 4, seed=0))
     assert (len(ds), ds.num_classes) == (8, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.idx", "demo.json", "demo.rec"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["demo.idx", "demo.rec", "demo.synthetic.json"]
 
 
 def test_index_missing_a_key_the_header_promises(good):

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import head_loss
 
 from jaxface.config import ConfigError, derive, load_config
-from jaxface.heads import Margin, init_class_centres, partial_fc_loss
-from jaxface.heads.partial_fc import _sample_classes
+from jaxface.heads import Margin, init_class_centres, sample_class_ids
 from jaxface.heads.sampled_sgd import SampledSGD
 from jaxface.mesh import batch_sharding, class_sharding, make_mesh, micro_batch_sharding
 from jaxface.models import get_model
@@ -26,24 +26,17 @@ def _head_problem(seed=0):
     return emb, labels, centres
 
 
-def _picked(key, labels, num_sample):
-    """The classes each shard keeps, as global ids (the same computation as the head's)."""
-    out = []
-    for shard in range(8):
-        local = labels - shard * 6
-        picked, remapped = _sample_classes(
-            jax.random.key_data(key),
-            shard,
-            jnp.asarray(local),
-            6,
-            num_sample,
-            NUM_CLASSES - 6 * shard,
-        )
-        picked = np.asarray(picked)
-        owned = (local >= 0) & (local < 6)
-        np.testing.assert_array_equal(picked[np.asarray(remapped)[owned]], local[owned])
-        out.append(picked + 6 * shard)
-    return out
+def _picked(key, labels, num_sample, mesh):
+    """The classes each of the 8 shards keeps, as global ids."""
+    ids = sample_class_ids(
+        jax.device_put(labels, batch_sharding(mesh)),
+        key,
+        num_classes=NUM_CLASSES,
+        num_local=6,
+        num_sample=num_sample,
+        mesh=mesh,
+    )
+    return list(np.asarray(ids).reshape(8, num_sample) + 6 * np.arange(8)[:, None])
 
 
 def test_sampling_keeps_positives_and_equals_dense_on_sampled_columns():
@@ -51,13 +44,13 @@ def test_sampling_keeps_positives_and_equals_dense_on_sampled_columns():
     mesh = make_mesh(8)
     key = jax.random.key(7)
     num_sample = 4
-    picked = _picked(key, labels, num_sample)
+    picked = _picked(key, labels, num_sample, mesh)
     kept = np.concatenate(picked)
     assert set(labels) <= set(kept)  # every positive class is scored
     assert all(len(p) == num_sample and np.all(np.diff(p) > 0) for p in picked)
     margin = Margin()
     loss = jax.jit(
-        lambda e, lab, w: partial_fc_loss(
+        lambda e, lab, w: head_loss(
             e, lab, w, margin=margin, num_classes=NUM_CLASSES, mesh=mesh,
             num_sample=num_sample, key=key,
         )

@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch")
 from flax.traverse_util import flatten_dict  # noqa: E402
 
 from jaxface.config import derive, load_config  # noqa: E402
-from jaxface.convert import flax_to_torch, pad_centres, torch_to_flax  # noqa: E402
+from jaxface.convert import flax_to_torch, torch_to_flax  # noqa: E402
+from jaxface.head_shards import pad_centres  # noqa: E402
 from jaxface.heads import margin_from_config  # noqa: E402
 from jaxface.mesh import batch_sharding, class_sharding, make_mesh  # noqa: E402
 from jaxface.models import get_model as jax_model  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jaxface import convert  # noqa: E402
+from jaxface import head_shards, weights  # noqa: E402
 from torchref import train  # noqa: E402
 from torchref.optim import lr_at  # noqa: E402
 
@@ -23,10 +23,10 @@ def test_short_run_writes_arcface_torch_files(repo, tmp_path, capsys):
     assert all(np.isfinite(r["loss"]) for r in records)
     # The LR after step 4 is the schedule's value for step 4 (warm-up 0.1 epoch = 6 steps).
     assert records[-1]["lr"] == pytest.approx(lr_at(4, 0.1, 6, 60, 1.0))
-    params, stats, network = convert.load_backbone(out / "model.pt")
-    assert network == "iresnet_tiny" and params["fc"]["bias"].shape == (128,)
-    shards = convert.load_head_shards([out])
-    assert convert.shards_to_centres(shards, 12, 8).shape == (16, 128)
+    params, stats, info = weights.load_backbone(out / "model.pt")
+    assert info["network"] == "iresnet_tiny" and params["fc"]["bias"].shape == (128,)
+    shards = head_shards.load_head_shards([out])
+    assert head_shards.shards_to_centres(shards, 12, 8).shape == (16, 128)
 
 
 def test_bad_config_and_unsupported_margin(repo, tmp_path, capsys):

@@ -9,37 +9,52 @@ with torch's on random images.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from jaxface.convert import ConvertError
+from jaxface import cli
+from jaxface.fileio import ConvertError, refuse_existing
 from jaxface.models.names import BACKBONES
 from torchref.infer import load_model
 
 
 def export(model: torch.nn.Module, path: str | Path) -> None:
-    """Write `model` (eval mode) as ONNX with a dynamic batch axis."""
+    """Write `model` (eval mode) as ONNX with a dynamic batch axis, under a temporary name
+    renamed when complete."""
+    if find_spec("onnxscript") is None:
+        raise ConvertError(
+            "ONNX export needs onnxscript (torch's exporter uses it): pip install -e '.[onnx]'"
+        )
     model = model.eval()
     dummy = torch.zeros(2, 3, 112, 112)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     # torch.export-based exporter (needs onnxscript): the TorchScript one is deprecated.
     # One file (no external data): r200 is about 0.5 GB, under protobuf's 2 GB limit.
-    torch.onnx.export(
-        model,
-        (dummy,),
-        str(path),
-        input_names=["input"],
-        output_names=["embedding"],
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-        dynamo=True,
-        external_data=False,
-    )
+    try:
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(tmp),
+            input_names=["input"],
+            output_names=["embedding"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            dynamo=True,
+            external_data=False,
+        )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check(model: torch.nn.Module, path: str | Path, batch: int = 3) -> float:
     """Max abs difference between onnxruntime and torch on `batch` random inputs."""
+    # onnxruntime is the optional `onnx` extra, needed by --check only.
     import onnxruntime as ort
 
     x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (batch, 3, 112, 112)))
@@ -52,17 +67,18 @@ def check(model: torch.nn.Module, path: str | Path, batch: int = 3) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run("torchref.export_onnx", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m torchref.export_onnx")
     parser.add_argument("--weights", required=True, help="model.pt (torch) or weights .npz")
     parser.add_argument("--network", choices=list(BACKBONES))
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="the .onnx file to write (must not exist)")
     parser.add_argument("--check", action="store_true", help="compare with onnxruntime")
     args = parser.parse_args(argv)
-    try:
-        model = load_model(args.weights, args.network)
-    except ConvertError as exc:
-        print(f"torchref.export_onnx: error: {exc}", file=sys.stderr)
-        return 2
+    refuse_existing(args.out)
+    model = load_model(args.weights, args.network)
     export(model, args.out)
     print(f"wrote {args.out}")
     if args.check:

@@ -8,22 +8,18 @@ import sys
 import numpy as np
 import torch
 
-from jaxface.convert import flax_to_torch, is_torch_file, load_backbone
+from jaxface.convert import flax_to_torch
 from jaxface.infer import cli_main
+from jaxface.weights import load_backbone
 from torchref.engine import set_matmul_precision
 from torchref.iresnet import IResNet, get_model, normalize_images
 
 
 def load_model(weights: str, network: str | None) -> IResNet:
     """A torchref backbone in eval mode from a torch model.pt or jaxface .npz."""
-    params, stats, network = load_backbone(weights, network)  # checks keys and shapes
-    if is_torch_file(weights):
-        from jaxface.convert import load_torch_state_dict
-
-        state_dict = load_torch_state_dict(weights)
-    else:
-        state_dict = flax_to_torch(params, stats, network)
-    model = get_model(network, num_features=int(params["fc"]["bias"].shape[0]))
+    params, stats, info = load_backbone(weights, network)  # checks keys and shapes
+    state_dict = flax_to_torch(params, stats, info["network"], info.get("step", 0))
+    model = get_model(info["network"], num_features=info["embedding_size"])
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()})
     return model.eval()
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.functional import linear, normalize
 
+from jaxface.head_shards import split_sizes
 from torchref.losses import CombinedMarginLoss
 
 
@@ -21,9 +22,9 @@ def world() -> tuple[int, int]:
 
 
 def class_split(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """(class_start, num_local) of `rank`: arcface_torch's uneven split."""
-    base, extra = divmod(num_classes, world_size)
-    return base * rank + min(rank, extra), base + int(rank < extra)
+    """(class_start, num_local) of `rank` in arcface_torch's uneven split."""
+    sizes = split_sizes(num_classes, world_size)
+    return sum(sizes[:rank]), sizes[rank]
 
 
 class _AllGather(torch.autograd.Function):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from jaxface.config import ConfigError, derive, load_config, parse_overrides
-from jaxface.data import SyntheticFaces, SyntheticStream
+from jaxface.data.training import make_loader, prepare
 from torchref.engine import PRECISIONS, Options, build, distributed, train_step
 from torchref.partial_fc import world
 
@@ -49,20 +49,17 @@ def train(cfg, options: Options, device: torch.device) -> dict:
             f"{cfg.source}: config key 'num_devices'={cfg.num_devices}, but torchrun started "
             f"{world_size} process(es)"
         )
-    # A packed synthetic set (the demo's) holds the same identities: draw them in memory.
-    if cfg.rec != "synthetic" and not cfg.pack_synthetic:
-        raise ConfigError(
-            f"{cfg.source}: config key 'rec'={cfg.rec!r}: torchref reads synthetic data only "
-            "(--config.rec=synthetic)"
-        )
     derived = derive(cfg, world_size)
-    faces = SyntheticFaces(cfg.num_classes, cfg.seed, cfg.synthetic_noise, cfg.synthetic_jitter)
-    stream = SyntheticStream(faces, cfg.num_image, derived.global_batch, cfg.seed)
-    rows = derived.batch_per_device
+    # The same loader as jaxface.train, so one config gives both frameworks the same batches.
+    if rank == 0:
+        prepare(cfg)
+    if dist.is_initialized():
+        dist.barrier()
     try:
         ref = build(cfg, derived, options, device)
     except ValueError as exc:  # a margin or precision torchref does not implement
         raise ConfigError(f"{cfg.source}: {exc}") from None
+    loader = make_loader(cfg, derived.global_batch, rank, world_size)
     out = Path(cfg.output) / "torchref"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +76,7 @@ def train(cfg, options: Options, device: torch.device) -> dict:
     t_window, n_window = t0, 0
     try:
         for step in range(1, derived.run_steps + 1):
-            images, labels = stream.batch(step - 1, rank * rows, (rank + 1) * rows)
+            images, labels = loader.batch(step - 1)
             loss = train_step(ref, torch.from_numpy(images), torch.from_numpy(labels))
             pending.append(loss)
             n_window += 1
@@ -110,6 +107,7 @@ def train(cfg, options: Options, device: torch.device) -> dict:
                     flush=True,
                 )
     finally:
+        loader.close()
         if log is not None:
             log.close()
     if rank == 0:

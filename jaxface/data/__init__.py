@@ -1,15 +1,9 @@
 """Data sources. Imports neither jax nor torch: torchref and compare use it too."""
 
 from jaxface.data.loader import HostLoader
-from jaxface.data.recordio import (
-    RecordIODataset,
-    RecordIOError,
-    RecordIOWarning,
-    RecordIOWriter,
-    open_recordio,
-)
-from jaxface.data.sources import SyntheticDataset, open_source
-from jaxface.data.synthetic import SyntheticFaces, SyntheticStream
+from jaxface.data.recordio import RecordIOError, RecordIOWarning, RecordIOWriter
+from jaxface.data.sources import RecordIODataset, SyntheticDataset, open_recordio, open_source
+from jaxface.data.synthetic import SyntheticFaces
 
 __all__ = [
     "HostLoader",
@@ -20,6 +14,5 @@ __all__ = [
     "RecordIOWarning",
     "RecordIOWriter",
     "SyntheticFaces",
-    "SyntheticStream",
     "open_recordio",
 ]

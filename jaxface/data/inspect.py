@@ -3,8 +3,10 @@
     python -m jaxface.data.inspect PATH [--montage FILE.png] [--check] [--write-idx]
 
 PATH: a `.rec` (or its folder / prefix), an image folder, or tfds:NAME. Prints records,
-identities, image sizes and the label range; `--check` decodes every image and lists the
-bad ones (file, record key, byte offset); `--write-idx` scans a `.rec` and writes its index.
+identities, image sizes and the label range; `--check` decodes every image and lists every
+bad one (file, record key, byte offset); `--montage FILE.png` draws the first identities
+(images of another size resized into their tile); `--write-idx` scans a `.rec` and writes
+its index (never over an existing one).
 """
 
 from __future__ import annotations
@@ -12,17 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from jaxface.data.recordio import (
-    RecordIODataset,
-    RecordIOError,
-    resolve_rec_path,
-    write_index,
-)
-from jaxface.data.sources import open_source
+from jaxface import cli
+from jaxface.data.recordio import RecordIOError, resolve_rec_path, write_index
+from jaxface.data.sources import RecordIODataset, open_source
+from jaxface.fileio import atomic_write, refuse_existing
 
 
 def _labels(source) -> np.ndarray:
@@ -33,22 +32,43 @@ def _labels(source) -> np.ndarray:
     return np.asarray([source[i][1] for i in range(len(source))])
 
 
-def montage(source, labels: np.ndarray, identities: int, per_identity: int) -> np.ndarray:
-    """uint8 grid: one row per identity (the first ones), its first images across."""
-    rows = []
+def _readable(source, indices) -> tuple[list[tuple[int, np.ndarray]], list[str]]:
+    """(index, image) of those that decode, and a line for each that does not."""
+    good, bad = [], []
+    for i in indices:
+        try:
+            good.append((int(i), source[int(i)][0]))
+        except RecordIOError as exc:
+            bad.append(f"image {int(i)}: {exc}")
+    return good, bad
+
+
+def montage(source, labels: np.ndarray, identities: int, per_identity: int, size: int = 112):
+    """(uint8 grid, notes): one row per identity (the first ones), its first images across,
+    each tile `size` x `size`; images of another size are resized into their tile, and
+    unreadable ones left black, both counted in the notes."""
+    rows, resized, unreadable = [], 0, 0
     for c in np.unique(labels)[:identities]:
         picks = np.flatnonzero(labels == c)[:per_identity]
-        images = [source[int(i)][0] for i in picks]
-        h, w = images[0].shape[:2]
-        row = np.zeros((h, w * per_identity, 3), np.uint8)
-        for k, img in enumerate(images):
-            row[:, k * w : (k + 1) * w] = img
+        row = np.zeros((size, size * per_identity, 3), np.uint8)
+        images, bad = _readable(source, picks)
+        unreadable += len(bad)
+        for k, (_, img) in enumerate(images):
+            if img.shape[:2] != (size, size):
+                img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+                resized += 1
+            row[:, k * size : (k + 1) * size] = img
         rows.append(row)
-    width = max(r.shape[1] for r in rows)
-    return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows])
+    notes = []
+    if resized:
+        notes.append(f"{resized} image(s) of another size resized to {size}x{size}")
+    if unreadable:
+        notes.append(f"{unreadable} unreadable image(s) left black")
+    return np.concatenate(rows), notes
 
 
 def describe(args) -> int:
+    montage_path = refuse_existing(args.montage) if args.montage else None
     source = open_source(args.path, image_size=None)
     n = len(source)
     print(f"source: {args.path} ({type(source).__name__})")
@@ -76,44 +96,42 @@ def describe(args) -> int:
             f"max {present.max()}"
         )
         sample = np.unique(np.linspace(0, n - 1, min(n, 64)).astype(int))
-        sizes = Counter(source[int(i)][0].shape for i in sample)
+        images, bad = _readable(source, sample)
+        sizes = Counter(img.shape for _, img in images)
         shown = ", ".join(f"{w}x{h}x{c}: {k}" for (h, w, c), k in sizes.most_common())
-        print(f"  image sizes (of {sample.size} sampled): {shown}")
+        unread = f"; {len(bad)} unreadable (see --check)" if bad else ""
+        print(f"  image sizes (of {sample.size} sampled): {shown}{unread}")
     if args.check:
-        bad = 0
-        for i in range(n):
-            try:
-                source[i]
-            except RecordIOError as exc:
-                bad += 1
-                print(f"  BAD image {i}: {exc}")
-        print(f"  check: {n - bad:,} good, {bad:,} bad")
-    if n and args.identities > 0:
-        out = Path(args.montage or f"{Path(str(args.path)).stem}_montage.png")
-        from PIL import Image
-
-        Image.fromarray(montage(source, labels, args.identities, args.per_identity)).save(out)
-        print(f"  montage of {min(args.identities, present.size)} identities: {out}")
+        _, bad = _readable(source, range(n))
+        for line in bad:
+            print(f"  BAD {line}")
+        print(f"  check: {n - len(bad):,} good, {len(bad):,} bad")
+    if n and montage_path is not None:
+        grid, notes = montage(source, labels, args.identities, args.per_identity)
+        atomic_write(montage_path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+        extra = f" ({'; '.join(notes)})" if notes else ""
+        shown = min(args.identities, present.size)
+        print(f"  montage of {shown} identities: {montage_path}{extra}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run("jaxface.data.inspect", _main, argv, ((RecordIOError, 2), (ValueError, 2)))
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxface.data.inspect", description=__doc__)
     parser.add_argument("path")
-    parser.add_argument("--montage", help="PNG to write (default: ./<name>_montage.png)")
+    parser.add_argument("--montage", help="PNG to write (a new file); no montage without it")
     parser.add_argument("--identities", type=int, default=8, help="rows of the montage")
     parser.add_argument("--per-identity", type=int, default=8, help="images per row")
-    parser.add_argument("--check", action="store_true", help="decode every image")
+    parser.add_argument("--check", action="store_true", help="decode every image, list bad ones")
     parser.add_argument("--write-idx", action="store_true", help="scan the .rec, write .idx")
     args = parser.parse_args(argv)
-    try:
-        if args.write_idx:
-            idx = write_index(resolve_rec_path(args.path))
-            print(f"wrote {idx}")
-        return describe(args)
-    except (ValueError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.write_idx:
+        idx = write_index(resolve_rec_path(args.path))
+        print(f"wrote {idx}")
+    return describe(args)
 
 
 if __name__ == "__main__":

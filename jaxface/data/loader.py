@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
+import signal
 import tempfile
 import threading
+import time
 import warnings
 import weakref
 from concurrent.futures import ProcessPoolExecutor
@@ -76,14 +79,48 @@ def _fill(source, out, row0, indices, params, skip_corrupt):
     return labels, skipped
 
 
+RING_PREFIX = "jaxface-ring-"
+_MAX_POOL_RESTARTS = 3  # decode-worker deaths tolerated in one run before giving up
+
+
+class LoaderError(RuntimeError):
+    """The data loader cannot go on (its workers keep dying); the message says why."""
+
+
+def _ring_folders() -> list[str | None]:
+    return ["/dev/shm", None] if os.path.isdir("/dev/shm") else [None]
+
+
+def remove_stale_rings() -> list[Path]:
+    """Delete ring files whose creating process is gone (a run killed with SIGKILL cannot
+    clean up after itself); returns what was removed."""
+    removed = []
+    for folder in _ring_folders():
+        for path in Path(folder or tempfile.gettempdir()).glob(f"{RING_PREFIX}*"):
+            m = re.match(rf"{RING_PREFIX}(\d+)-", path.name)
+            if m and not _alive(int(m.group(1))):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def _make_ring_file(size: int) -> str:
     """A file of `size` bytes for the shared ring: in /dev/shm when it has room (a Docker
     default is 64 MB, and writing past a full tmpfs kills the writer with SIGBUS, so the
-    space is reserved up front), else in the temporary folder (page cache, nearly as fast)."""
-    for folder in ("/dev/shm", None):
-        if folder and not os.path.isdir(folder):
-            continue
-        fd, path = tempfile.mkstemp(prefix="jaxface-ring-", dir=folder)
+    space is reserved up front), else in the temporary folder (page cache, nearly as fast).
+    The name carries this process's id, so that a later run can remove it if we die."""
+    for folder in _ring_folders():
+        fd, path = tempfile.mkstemp(prefix=f"{RING_PREFIX}{os.getpid()}-", dir=folder)
         try:
             if hasattr(os, "posix_fallocate"):
                 os.posix_fallocate(fd, 0, size)
@@ -104,12 +141,24 @@ _WORKER: dict = {}
 
 
 def _worker_init(source, ring_path: str, ring_shape: tuple, skip_corrupt: bool):
+    # The trainer decides when to stop: a Ctrl-C or SIGTERM sent to the whole process
+    # group must not kill the workers under the batch it is finishing.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _WORKER.update(
         source=source,
         # A plain ndarray view: indexing a np.memmap costs ~10 us a row in Python.
         ring=np.memmap(ring_path, np.uint8, "r+", shape=ring_shape).view(np.ndarray),
         skip_corrupt=skip_corrupt,
     )
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose trainer died (even by SIGKILL, which runs no cleanup) exits too."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _worker_task(slot: int, row0: int, indices: np.ndarray, params: dict):
@@ -170,6 +219,7 @@ class HostLoader:
         self.chunk = max(1, chunk or -(-self.rows // max(1, workers)))
         self.step = 0
         self.skipped: dict[int, str] = {}  # image index -> why, every bad record seen
+        self.restarts = 0  # worker pools replaced after a worker died
         self._orders: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
         self._pool = None
@@ -233,6 +283,7 @@ class HostLoader:
             return self._batch_from_workers(step)
 
     def _start_pool(self) -> None:
+        remove_stale_rings()
         slots = self.prefetch + 1
         shape = (slots, self.rows, self.image_size, self.image_size, 3)
         self._ring_path = _make_ring_file(int(np.prod(shape)))
@@ -259,8 +310,21 @@ class HostLoader:
         self._pending[step] = tasks
 
     def _batch_from_workers(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._pool is None:
-            self._start_pool()
+        while True:
+            if self._pool is None:
+                self._start_pool()
+            try:
+                results = self._results(step)
+                break
+            except BrokenProcessPool:
+                # A batch is a pure function of the step: a new pool redoes it exactly.
+                self._restart_pool(step)
+        for _, skipped in results:
+            self._note_skipped(skipped)
+        labels = np.concatenate([labels for labels, _ in results])
+        return np.array(self._ring[step % (self.prefetch + 1)]), labels
+
+    def _results(self, step: int) -> list:
         window = range(step, step + self.prefetch + 1)
         # Slots are step % (prefetch + 1): only a window of consecutive steps may be in
         # flight, so finish (and drop) anything outside it before reusing its slot.
@@ -269,17 +333,25 @@ class HostLoader:
         for s in window:
             if s not in self._pending:
                 self._submit(s)
-        try:
-            results = [task.result() for task in self._pending.pop(step)]
-        except BrokenProcessPool as exc:
-            raise RuntimeError(
-                f"a decode worker died while loading step {step} (killed for memory? a crash "
-                "in the image decoder?); fewer workers or a smaller prefetch use less memory"
-            ) from exc
-        for _, skipped in results:
-            self._note_skipped(skipped)
-        labels = np.concatenate([labels for labels, _ in results])
-        return np.array(self._ring[step % (self.prefetch + 1)]), labels
+        return [task.result() for task in self._pending.pop(step)]
+
+    def _restart_pool(self, step: int) -> None:
+        self.restarts += 1
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+        self._pending.clear()
+        if self.restarts > _MAX_POOL_RESTARTS:
+            raise LoaderError(
+                f"data loader: a decode worker died {self.restarts} times (the last while "
+                f"loading step {step}); killed for memory? a crash in the image decoder? "
+                "Fewer workers (config key 'num_workers') or a smaller prefetch use less memory"
+            )
+        warnings.warn(
+            f"data loader: a decode worker died while loading step {step}; restarted the "
+            f"workers ({self.restarts} of {_MAX_POOL_RESTARTS} restarts allowed)",
+            RecordIOWarning,
+            stacklevel=4,
+        )
 
     def _note_skipped(self, skipped: list) -> None:
         for index, why in skipped:

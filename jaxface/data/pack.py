@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
+import time
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from jaxface import cli
 from jaxface.data.decode import DecodeError, decode_image, encode_jpeg
 from jaxface.data.recordio import RecordIOWriter, pack_payload
+from jaxface.data.synthetic import SyntheticFaces
+from jaxface.fileio import atomic_write
+from jaxface.progress import format_duration
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -156,8 +163,6 @@ _FACES: dict = {}
 
 def _synthetic_identity(args: tuple) -> list[bytes]:
     """JPEGs of one synthetic identity (runs in a worker; SyntheticFaces kept per process)."""
-    from jaxface.data.synthetic import SyntheticFaces
-
     faces_args, identity, count, quality = args
     faces = _FACES.get(faces_args)
     if faces is None:
@@ -174,32 +179,59 @@ def pack_synthetic(
     jitter: int = 4,
     quality: int = 95,
     workers: int | None = None,
+    say=None,
 ) -> PackSummary:
     """Pack SyntheticFaces: image (c, s) for c < num_classes, s < images_per_class, class
     major. Held-out synthetic samples (s >= images_per_class) stay out of the file.
     Drawing an image costs more than encoding it, so identities are drawn by `workers`
-    processes (default: one per core; 0 = in this process). The bytes do not depend on it."""
+    processes (default: one per core; 0 = in this process). The bytes do not depend on it.
+    `say` (e.g. print) receives progress lines: rate and ETA about every 10 %."""
     faces_args = (num_classes, seed, noise, jitter)
     jobs = [(faces_args, c, images_per_class, quality) for c in range(num_classes)]
     workers = (os.cpu_count() or 1) if workers is None else workers
+    t0 = time.perf_counter()
+    every = max(1, num_classes // 10)
 
     def items(encoded_identities):
         for c, jpegs in enumerate(encoded_identities):
             for jpeg in jpegs:
                 yield jpeg, c
+            done = c + 1
+            if say is not None and (done % every == 0 or done == num_classes):
+                elapsed = time.perf_counter() - t0
+                rate = done * images_per_class / max(elapsed, 1e-9)  # images/s
+                eta = format_duration(elapsed / done * (num_classes - done))
+                say(
+                    f"  packed {done:,}/{num_classes:,} identities, {rate:,.0f} images/s, ETA {eta}"
+                )
 
     if workers <= 1 or num_classes < 2 * workers:
         return pack_records(out_prefix, items(map(_synthetic_identity, jobs)), image_size=None)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
         encoded = pool.map(_synthetic_identity, jobs, chunksize=4)
         return pack_records(out_prefix, items(encoded), image_size=None)
 
 
+SYNTHETIC_GENERATOR = "jaxface.data.pack.pack_synthetic"
+
+
+class NotOurFileError(ValueError):
+    """A path that synthetic packing would write holds data it did not create."""
+
+
+def synthetic_prefix(rec: str | Path) -> Path:
+    """Where pack_synthetic writes for a `rec` config value: a `.rec` path or a prefix
+    writes PREFIX.rec/.idx, a folder FOLDER/train.rec/.idx (where open_source looks)."""
+    path = Path(rec)
+    if path.suffix == ".rec":
+        return path.with_suffix("")
+    if path.is_dir():
+        return path / "train"
+    return path
+
+
 def ensure_synthetic(
-    out_prefix: str | Path,
+    rec: str | Path,
     num_classes: int,
     images_per_class: int,
     seed: int = 0,
@@ -207,15 +239,21 @@ def ensure_synthetic(
     jitter: int = 4,
     quality: int = 95,
     workers: int | None = None,
+    say=print,
 ) -> Path:
-    """Path of `OUT_PREFIX.rec`, packed by pack_synthetic unless a pack with the same
-    parameters is already there (recorded in `OUT_PREFIX.json`). Writes go to temporary
-    names renamed at the end, so an interrupted pack is never mistaken for a finished one.
-    Call it from one process (e.g. process 0) and let the others wait for it."""
-    prefix = Path(out_prefix)
-    rec, idx = prefix.with_name(prefix.name + ".rec"), prefix.with_name(prefix.name + ".idx")
-    stamp = prefix.with_name(prefix.name + ".json")
+    """Path of the synthetic `.rec` for `rec` (see synthetic_prefix), packed unless a pack
+    with the same parameters is already there.
+
+    Only files this function created are ever replaced: each pack is marked by a sidecar
+    `PREFIX.synthetic.json` naming the generator and its parameters, and a `.rec`/`.idx`
+    without it is the user's data: NotOurFileError, naming the path. Writes go to
+    temporary names renamed at the end, so an interrupted pack is never mistaken for a
+    finished one. Call it from one process (e.g. process 0) and let the others wait."""
+    prefix = synthetic_prefix(rec)
+    rec_path, idx = prefix.with_name(prefix.name + ".rec"), prefix.with_name(prefix.name + ".idx")
+    stamp = prefix.with_name(prefix.name + ".synthetic.json")
     params = dict(
+        generator=SYNTHETIC_GENERATOR,
         num_classes=num_classes,
         images_per_class=images_per_class,
         seed=seed,
@@ -223,24 +261,63 @@ def ensure_synthetic(
         jitter=jitter,
         quality=quality,
     )
-    if rec.is_file() and idx.is_file() and stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()) == params:
-                return rec
-        except ValueError:
-            pass  # a damaged stamp: pack again
-    tmp = prefix.with_name(f"{prefix.name}.tmp{os.getpid()}")
+    existing = [p for p in (rec_path, idx) if p.exists()]
+    recorded = _read_stamp(prefix)
+    if existing and recorded is None:
+        raise NotOurFileError(
+            f"{existing[0]} exists and was not written by jaxface's synthetic packer (no "
+            f"{stamp.name} beside it): refusing to overwrite it. Point config key 'rec' "
+            "elsewhere, or set pack_synthetic=false to train on it"
+        )
+    if recorded == params and len(existing) == 2:
+        return rec_path
+    if existing:
+        changed = ", ".join(
+            f"{k} {recorded.get(k)} -> {v}" for k, v in params.items() if recorded.get(k) != v
+        )
+        say(f"repacking {rec_path}: its synthetic parameters changed ({changed})")
+    else:
+        say(
+            f"packing {num_classes:,} synthetic identities x {images_per_class} images into "
+            f"{rec_path} (first use)"
+        )
+    tmp = prefix.with_name(f".{prefix.name}.packing{os.getpid()}")
     summary = pack_synthetic(
-        tmp, num_classes, images_per_class, seed, noise, jitter, quality, workers
+        tmp, num_classes, images_per_class, seed, noise, jitter, quality, workers, say=say
     )
-    stamp.unlink(missing_ok=True)
+    stamp.unlink(missing_ok=True)  # no stamp while the files change: never a wrong match
     os.replace(summary.idx, idx)
-    os.replace(summary.rec, rec)
-    stamp.write_text(json.dumps(params))
-    return rec
+    os.replace(summary.rec, rec_path)
+    atomic_write(stamp, lambda f: f.write(json.dumps(params).encode()))
+    return rec_path
+
+
+def _read_stamp(prefix: Path) -> dict | None:
+    """The parameters of our own pack at `prefix`, or None when its files are not ours."""
+    for stamp, legacy in ((prefix.with_name(prefix.name + ".synthetic.json"), False),
+                          (prefix.with_name(prefix.name + ".json"), True)):  # fmt: skip
+        try:
+            recorded = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(recorded, dict):
+            continue
+        if not legacy and recorded.get("generator") == SYNTHETIC_GENERATOR:
+            return recorded
+        # jaxface before this sidecar left `PREFIX.json` with exactly these parameters.
+        if legacy and set(recorded) == set(LEGACY_KEYS):
+            return {"generator": SYNTHETIC_GENERATOR, **recorded}
+    return None
+
+
+LEGACY_KEYS = ("num_classes", "images_per_class", "seed", "noise", "jitter", "quality")
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run("jaxface.data.pack", _main, argv, ((ValueError, 2),))
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxface.data.pack", description=__doc__)
     parser.add_argument("src", nargs="?", help="folder with one sub-folder of images per identity")
     parser.add_argument("out_prefix", help="writes OUT_PREFIX.rec and OUT_PREFIX.idx")
@@ -256,20 +333,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.src is None) == (args.synthetic is None):
         parser.error("give either SRC or --synthetic CxN")
-    try:
-        if args.synthetic:
-            try:
-                classes, per_class = (int(v) for v in args.synthetic.lower().split("x"))
-            except ValueError:
-                parser.error(f"--synthetic {args.synthetic!r}: expected CxN, e.g. 1000x20")
-            summary = pack_synthetic(
-                args.out_prefix, classes, per_class, args.seed, args.noise, quality=args.quality
-            )
-        else:
-            summary = pack_folder(args.src, args.out_prefix, args.quality, args.image_size or None)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.synthetic:
+        try:
+            classes, per_class = (int(v) for v in args.synthetic.lower().split("x"))
+        except ValueError:
+            parser.error(f"--synthetic {args.synthetic!r}: expected CxN, e.g. 1000x20")
+        summary = pack_synthetic(
+            args.out_prefix,
+            classes,
+            per_class,
+            args.seed,
+            args.noise,
+            quality=args.quality,
+            say=print,
+        )
+    else:
+        summary = pack_folder(args.src, args.out_prefix, args.quality, args.image_size or None)
     print(
         f"wrote {summary.rec} and {summary.idx}: {summary.num_images:,} images, "
         f"{summary.num_classes:,} identities"

@@ -1,15 +1,24 @@
 """MXNet RecordIO, read and written natively (mxnet does not install beside current jax).
 
-Layout (REFERENCE.md): every record is uint32 magic 0xced7230a, uint32 lrec (top 3 bits:
-continuation flag, low 29 bits: length), the payload, zero padding to 4 bytes. Like dmlc's
-writer, a payload that contains the magic word at a 4-byte-aligned position is split there
-into parts (cflag 1 = first, 2 = middle, 3 = last) and the magic word itself is dropped; the
-reader puts it back. The `.idx` file is text, `key\\toffset` per line.
+Layout (dmlc-core's recordio.h; docs/sources.md): every record is uint32 magic 0xced7230a,
+uint32 lrec (top 3 bits: continuation flag, low 29 bits: length), the payload, zero
+padding to 4 bytes. Like dmlc's writer, a payload that contains the magic word at a
+4-byte-aligned position is split there into parts (cflag 1 = first, 2 = middle, 3 = last)
+and the magic word itself is dropped; the reader puts it back. The `.idx` file is text,
+`key\\toffset` per line.
 
 A payload is an IRHeader `<IfQQ` (flag, label, id, id2); with flag > 0, `flag` float32
-labels follow (the class is the first). Then the encoded image. InsightFace files start with
-a header record 0 (flag > 0, no image, labels [a, b]): images are records 1 .. a-1 and
-records a .. b-1 hold each identity's image range.
+labels follow (the class is the first). Then the encoded image. InsightFace files have a
+header record with key 0 (flag > 0, no image, labels [a, b]) somewhere in the file (first,
+last or between images and identities, by the tool that wrote it): images are records
+1 .. a-1 and records a .. b-1 hold each identity's image range.
+
+Read paths: `RecordFile.read` / `unpack` is the canonical reader: it handles every layout
+(split parts, multi-label headers) and names the file, key and offset of any fault.
+`read_plain` (one-part, flag-0 records: nearly every image) and `read_label_prefix` (labels
+without the image) are measured fast paths for the loader and the label scan; anything
+they do not recognise returns to the canonical reader. The datasets built on these records
+live in `jaxface.data.sources`.
 
 No jax or torch here: torchref and compare read data through this module too.
 """
@@ -21,13 +30,12 @@ import os
 import struct
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from jaxface.data.decode import DecodeError, decode_image, decode_into
+from jaxface.fileio import atomic_write
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -130,14 +138,31 @@ def encode_record(payload: bytes) -> bytes:
 
 
 class RecordIOWriter:
-    """Writes `PREFIX.rec` and `PREFIX.idx` as mxnet's MXIndexedRecordIO does."""
+    """Writes `PREFIX.rec` and `PREFIX.idx` as mxnet's MXIndexedRecordIO does: records in
+    the order written, with any keys; the index lists them in that order.
 
-    def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None):
+    Both files are written under temporary names and renamed when the writer closes
+    without an error (`with` block or `close()`); after an error nothing is left behind.
+    Existing files are never replaced unless `overwrite=True`."""
+
+    def __init__(
+        self, rec_path: str | Path, idx_path: str | Path | None = None, overwrite: bool = False
+    ):
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path else self.rec_path.with_suffix(".idx")
+        if not overwrite:
+            for path in (self.rec_path, self.idx_path):
+                if path.exists():
+                    raise FileExistsError(
+                        f"{path} already exists; refusing to overwrite it (choose another "
+                        "output name or remove it first)"
+                    )
         self.rec_path.parent.mkdir(parents=True, exist_ok=True)
-        self._rec = open(self.rec_path, "wb")  # noqa: SIM115 - closed in close()
-        self._idx = open(self.idx_path, "w")  # noqa: SIM115
+        tmp = f".tmp{os.getpid()}"
+        self._tmp_rec = self.rec_path.with_name(f".{self.rec_path.name}{tmp}")
+        self._tmp_idx = self.idx_path.with_name(f".{self.idx_path.name}{tmp}")
+        self._rec = open(self._tmp_rec, "wb")  # noqa: SIM115 - closed in close()
+        self._idx = open(self._tmp_idx, "w")  # noqa: SIM115
         self.count = 0
 
     def write(self, key: int, payload: bytes) -> int:
@@ -156,15 +181,24 @@ class RecordIOWriter:
         self._rec.write(data)
         self._rec.seek(end)
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
+        """Finish the files (rename them into place), or with complete=False drop them."""
+        if self._rec.closed:
+            return
         self._rec.close()
         self._idx.close()
+        if complete:
+            os.replace(self._tmp_rec, self.rec_path)
+            os.replace(self._tmp_idx, self.idx_path)
+        else:
+            self._tmp_rec.unlink(missing_ok=True)
+            self._tmp_idx.unlink(missing_ok=True)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(complete=exc_type is None)
 
 
 # --- Reading --------------------------------------------------------------------------
@@ -433,207 +467,19 @@ def scan_offsets(records: RecordFile) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_index(rec_path: str | Path, idx_path: str | Path | None = None) -> Path:
-    """Scan a `.rec` and write its `.idx` (keys = record positions)."""
+    """Scan a `.rec` and write its `.idx` (keys = record positions). An existing index is
+    never replaced: that is the user's file, and it may hold other keys."""
     rec_path = Path(rec_path)
     idx_path = Path(idx_path) if idx_path else rec_path.with_suffix(".idx")
+    if idx_path.exists():
+        raise RecordIOError(
+            f"{idx_path} already exists; refusing to overwrite it (move it away to rebuild it)",
+            str(rec_path),
+        )
     tmp = idx_path.with_name(idx_path.name + ".missing")  # forces a scan, never read
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RecordIOWarning)
         records = RecordFile(rec_path, tmp)
-    with open(idx_path, "w") as f:
-        f.writelines(f"{k}\t{o}\n" for k, o in zip(records.keys, records.offsets, strict=True))
+    lines = "".join(f"{k}\t{o}\n" for k, o in zip(records.keys, records.offsets, strict=True))
     records.close()
-    return idx_path
-
-
-# --- Datasets ---------------------------------------------------------------------------
-
-
-class RecordIODataset:
-    """Images and class labels of an InsightFace or im2rec RecordIO file.
-
-    `ds[i] -> (uint8 [H, W, 3] RGB, int label)`; `raw(i)` gives (label, encoded bytes) for
-    loaders that decode elsewhere. `image_size=None` accepts any size.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        idx_path: str | Path | None = None,
-        image_size: int | None = 112,
-        num_classes: int | None = None,
-    ):
-        self.path = resolve_rec_path(path)
-        self.records = RecordFile(self.path, idx_path)
-        self.image_size = image_size
-        self.identity_keys: np.ndarray | None = None
-        self.header: tuple[int, int] | None = None
-        first = int(self.records.keys[0])
-        header, labels, image = self.records.unpack(first)
-        # A multi-label im2rec image also has flag > 0 in record 0: a header has no image.
-        if header.flag >= 2 and not image and first == 0:
-            a, b = int(labels[0]), int(labels[1])
-            if not (1 <= a <= b) or labels[0] != a or labels[1] != b:
-                raise RecordIOError(
-                    f"InsightFace header record holds [{labels[0]}, {labels[1]}]: expected "
-                    "integers 1 <= a <= b",
-                    str(self.path),
-                    first,
-                    int(self.records.offsets[0]),
-                )
-            self.header = (a, b)
-            self.keys = np.arange(1, a, dtype=np.int64)
-            if b > a:
-                self.identity_keys = np.arange(a, b, dtype=np.int64)
-            missing = [k for k in (1, a - 1) if a > 1 and not self.records.has_key(k)]
-            if missing:
-                raise RecordIOError(
-                    f"the header says images are records 1..{a - 1} but the index "
-                    f"{self.records.idx_path} has no key {missing[0]}",
-                    str(self.path),
-                    missing[0],
-                )
-        else:
-            self.keys = self.records.keys
-        if num_classes is None and self.identity_keys is not None:
-            num_classes = len(self.identity_keys)
-        self._num_classes = num_classes
-        self._labels: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @property
-    def num_classes(self) -> int:
-        """From the header's identity records; for header-less files, max label + 1 over
-        the records whose header reads (bad ones are counted in a warning, and fail again
-        when read, unless the loader skips them)."""
-        if self._num_classes is None:
-            top, bad = -1, []
-            for i in range(len(self)):
-                try:
-                    top = max(top, self._label_of(i))
-                except RecordIOError as exc:
-                    bad.append(exc)
-            if bad:
-                warnings.warn(
-                    f"{self.path}: {len(bad)} record(s) with unreadable labels left out of "
-                    f"num_classes; the first: {bad[0]}",
-                    RecordIOWarning,
-                    stacklevel=2,
-                )
-            self._num_classes = top + 1
-        return self._num_classes
-
-    def labels(self) -> np.ndarray:
-        """int64 class of every image (reads record headers only, once)."""
-        if self._labels is None:
-            self._labels = np.fromiter(
-                (self._label_of(i) for i in range(len(self))), np.int64, len(self)
-            )
-        return self._labels
-
-    def key(self, i: int) -> int:
-        return int(self.keys[i])
-
-    def offset(self, i: int) -> int:
-        return self.records.offset(self.key(i))
-
-    def _class(self, labels: np.ndarray, key: int) -> int:
-        value = float(labels[0])
-        label = int(value)
-        bad = label != value or label < 0
-        if not bad and self._num_classes is not None and label >= self._num_classes:
-            bad = True
-        if bad:
-            bound = self._num_classes if self._num_classes is not None else "num_classes"
-            raise RecordIOError(
-                f"label {value:g} is outside [0, {bound})",
-                str(self.path),
-                key,
-                self.records.offset(key),
-            )
-        return label
-
-    def _label_of(self, i: int) -> int:
-        key = self.key(i)
-        labels, _ = self.records.read_label_prefix(key)
-        return self._class(labels, key)
-
-    def raw(self, i: int) -> tuple[int, bytes]:
-        """(class label, encoded image bytes) of image i, without decoding."""
-        key = self.key(i)
-        _, labels, image = self.records.unpack(key)
-        return self._class(labels, key), image
-
-    def decode(self, i: int, image: bytes) -> np.ndarray:
-        """Decode and check the encoded image of image i (errors name file, key, offset)."""
-        try:
-            array = decode_image(image)
-        except DecodeError as exc:
-            key = self.key(i)
-            raise RecordIOError(str(exc), str(self.path), key, self.records.offset(key)) from None
-        size = self.image_size
-        if size is not None and array.shape[:2] != (size, size):
-            key = self.key(i)
-            raise RecordIOError(
-                f"image is {array.shape[1]}x{array.shape[0]}, expected {size}x{size}",
-                str(self.path),
-                key,
-                self.records.offset(key),
-            )
-        return array
-
-    def _encoded(self, i: int) -> tuple[int, bytes]:
-        """(class, image bytes) of image i: one struct read for a plain record, the general
-        reader (which also names any fault) for everything else."""
-        n = len(self.keys)
-        if not -n <= i < n:
-            raise IndexError(f"image {i} out of range for {n} images")
-        i %= n
-        plain = self.records.read_plain(int(self.keys[i]))
-        if plain is not None:
-            value, image = plain
-            label = int(value)
-            if label == value and 0 <= label < (self._num_classes or label + 1):
-                return label, image
-        return self.raw(i)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        label, image = self._encoded(i)
-        return self.decode(i % len(self), image), label
-
-    def read_into(self, i: int, out: np.ndarray) -> int:
-        """Decode image i straight into `out` (uint8 [S, S, 3], contiguous) and return its
-        class: ds[i] without the copy, with out's size as the one expected."""
-        label, image = self._encoded(i)
-        try:
-            decode_into(image, out)
-        except DecodeError as exc:
-            key = self.key(i % len(self))
-            raise RecordIOError(str(exc), str(self.path), key, self.records.offset(key)) from None
-        return label
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
-        for i in range(len(self)):
-            yield self[i]
-
-    def identity_ranges(self) -> np.ndarray | None:
-        """[num_classes, 2] image-record ranges [start, stop) from the identity records."""
-        if self.identity_keys is None:
-            return None
-        rows = [self.records.unpack(int(k))[1][:2] for k in self.identity_keys]
-        return np.asarray(rows, np.int64).reshape(-1, 2)
-
-    def close(self) -> None:
-        self.records.close()
-
-
-def open_recordio(
-    path: str | Path,
-    idx_path: str | Path | None = None,
-    image_size: int | None = 112,
-    num_classes: int | None = None,
-) -> RecordIODataset:
-    """Open `train.rec` (or a folder holding it, or a prefix). See RecordIODataset."""
-    return RecordIODataset(path, idx_path, image_size, num_classes)
+    return atomic_write(idx_path, lambda f: f.write(lines.encode()))

@@ -13,11 +13,11 @@ from functools import lru_cache
 
 import numpy as np
 
+from jaxface.data.verification import write_bin
 from jaxface.models.names import IMAGE_SIZE
 
 _TEMPLATE_STREAM = 0x7E3A
 _IMAGE_STREAM = 0x1A6E
-_ORDER_STREAM = 0x5EED
 
 
 def _upsample_matrix(src: int, dst: int) -> np.ndarray:
@@ -76,65 +76,29 @@ class SyntheticFaces:
         return images, np.asarray(identities, np.int32)
 
 
-class SyntheticStream:
-    """The training stream: `num_image` images (identity = index % C), shuffled per epoch.
+def heldout_pairs(faces: SyntheticFaces, num_image: int, num_pairs: int, seed: int = 1):
+    """Half same-identity, half different-identity pairs of images never trained on.
 
-    `batch(step)` is a pure function of the step, so a run can start from any step; the
-    rows [row_start, row_stop) of the global batch let each process draw only its share.
-    Samples numbered `num_image // C` and above are never used for training: `heldout_pairs`
-    draws from them.
+    Training uses samples 0 .. ceil(num_image / C) - 1 of each identity (the numbering of
+    SyntheticDataset and of the packed demo set); these pairs draw from the samples above.
+    Returns (images_a, images_b, same) with same a bool array.
     """
-
-    def __init__(self, faces: SyntheticFaces, num_image: int, global_batch: int, seed: int):
-        self.faces = faces
-        self.num_image = num_image
-        self.global_batch = global_batch
-        self.seed = seed
-        self.steps_per_epoch = num_image // global_batch  # in batches of global_batch
-        self._order_epoch = -1
-        self._order = None
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if epoch != self._order_epoch:
-            rng = np.random.default_rng([self.seed, _ORDER_STREAM, epoch])
-            self._order = rng.permutation(self.num_image)
-            self._order_epoch = epoch
-        return self._order
-
-    def indices(self, step: int) -> np.ndarray:
-        epoch, within = divmod(step, self.steps_per_epoch)
-        start = within * self.global_batch
-        return self._epoch_order(epoch)[start : start + self.global_batch]
-
-    def batch(self, step: int, row_start: int = 0, row_stop: int | None = None):
-        """uint8 images [rows, 112, 112, 3] and int32 labels [rows] of global batch `step`."""
-        index = self.indices(step)[row_start:row_stop]
-        c = self.faces.num_classes
-        return self.faces.batch(index % c, index // c)
-
-    def heldout_pairs(self, num_pairs: int, seed: int = 1):
-        """Half same-identity, half different-identity pairs of images never trained on.
-
-        Returns (images_a, images_b, same) with same a bool array.
-        """
-        rng = np.random.default_rng([self.seed, seed, num_pairs])
-        c = self.faces.num_classes
-        first_unused = -(-self.num_image // c)
-        same = np.arange(num_pairs) % 2 == 0
-        id_a = rng.integers(0, c, num_pairs)
-        offset = rng.integers(1, max(c, 2), num_pairs)
-        id_b = np.where(same, id_a, (id_a + offset) % c)
-        sample_a = first_unused + 2 * np.arange(num_pairs)
-        images_a, _ = self.faces.batch(id_a, sample_a)
-        images_b, _ = self.faces.batch(id_b, sample_a + 1)
-        return images_a, images_b, same
+    rng = np.random.default_rng([faces.seed, seed, num_pairs])
+    c = faces.num_classes
+    first_unused = -(-num_image // c)
+    same = np.arange(num_pairs) % 2 == 0
+    id_a = rng.integers(0, c, num_pairs)
+    offset = rng.integers(1, max(c, 2), num_pairs)
+    id_b = np.where(same, id_a, (id_a + offset) % c)
+    sample_a = first_unused + 2 * np.arange(num_pairs)
+    images_a, _ = faces.batch(id_a, sample_a)
+    images_b, _ = faces.batch(id_b, sample_a + 1)
+    return images_a, images_b, same
 
 
-def write_synthetic_bin(path, stream: SyntheticStream, num_pairs: int) -> None:
+def write_synthetic_bin(path, faces: SyntheticFaces, num_image: int, num_pairs: int) -> None:
     """A verification `.bin` of held-out synthetic pairs, in InsightFace's format."""
-    from jaxface.data.verification import write_bin
-
-    images_a, images_b, same = stream.heldout_pairs(num_pairs)
+    images_a, images_b, same = heldout_pairs(faces, num_image, num_pairs)
     images = np.empty((2 * num_pairs, *images_a.shape[1:]), np.uint8)
     images[0::2], images[1::2] = images_a, images_b
     write_bin(path, images, same)

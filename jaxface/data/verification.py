@@ -1,7 +1,7 @@
 """InsightFace verification sets (`lfw.bin`, `cfp_fp.bin`, `agedb_30.bin`) and their protocol.
 
 A `.bin` is a pickle of `(bins, issame_list)`: 2N encoded images, pair i being images 2i and
-2i+1, and N booleans. The protocol (REFERENCE.md): embed each image and its horizontal
+2i+1, and N booleans. The protocol (docs/sources.md): embed each image and its horizontal
 flip, sum the two, L2-normalise, take the squared L2 distance of each pair; thresholds 0 to
 4 in steps of 0.01; 10 folds in order (no shuffling), the threshold that is most accurate
 on 9 folds is scored on the tenth; report the mean and standard deviation over folds.

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from jaxface.mesh import DATA_AXIS as A
+
 
 @dataclass(frozen=True)
 class SampledSGD:
@@ -45,7 +47,7 @@ class SampledSGD:
             },
         }
 
-    def update_head(self, centres, head_state, class_ids, row_grads, apply, mesh, axis="data"):
+    def update_head(self, centres, head_state, class_ids, row_grads, apply, mesh):
         """(new centres, new head state). `apply` False (fp16 overflow) leaves both as
         they were: decay, momentum and learning rate are gated, not selected afterwards,
         so no second copy of the matrix is made."""
@@ -61,8 +63,8 @@ class SampledSGD:
         centres, momentum = jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(P(axis, None), P(axis, None), P(axis), P(axis, None), P(), P(), P()),
-            out_specs=(P(axis, None), P(axis, None)),
+            in_specs=(P(A, None), P(A, None), P(A), P(A, None), P(), P(), P()),
+            out_specs=(P(A, None), P(A, None)),
             check_vma=True,
         )(centres, head_state["momentum"], class_ids, row_grads, lr, mu, wd)
         count = head_state["count"] + apply.astype(jnp.int32)

@@ -5,7 +5,7 @@ Module names mirror arcface_torch's state-dict keys (`layer3.5.conv2` is `layer3
 
 The fc layer flattens the last feature map in NHWC, i.e. (h, w, c) order; PyTorch flattens
 NCHW, (c, h, w). Converting `fc.weight` permutes its input dimension accordingly
-(`fc_kernel_from_torch`), which costs nothing at run time, unlike a transpose in the model.
+(`jaxface.convert.fc_from_torch`), which costs nothing at run time, unlike a transpose in the model.
 """
 
 from __future__ import annotations
@@ -158,15 +158,3 @@ def get_model(
         policy=policy or Policy("fp32", jnp.float32),
         bn_groups=bn_groups,
     )
-
-
-def fc_kernel_from_torch(weight: np.ndarray, channels: int, height: int = 7, width: int = 7):
-    """PyTorch `fc.weight` [out, C*H*W] (NCHW flatten) to a Flax kernel [H*W*C, out]."""
-    out = weight.shape[0]
-    return weight.reshape(out, channels, height, width).transpose(2, 3, 1, 0).reshape(-1, out)
-
-
-def fc_kernel_to_torch(kernel: np.ndarray, channels: int, height: int = 7, width: int = 7):
-    """Inverse of `fc_kernel_from_torch`."""
-    out = kernel.shape[-1]
-    return kernel.reshape(height, width, channels, out).transpose(3, 2, 0, 1).reshape(out, -1)

@@ -1,0 +1,125 @@
+"""Everything a training step needs, built once from a config and a mesh.
+
+The trainer, the memory planner (`jaxface.plan`), `compare` and `compare.profile` all call
+`build()`, so what they compile is the same step. `Run` holds the pieces; nothing in it
+touches data or files. The mesh may be made of real devices or of a compile-only topology
+(`jaxface.plan` compiles for devices it does not have).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from jaxface.config import Config, Derived, derive
+from jaxface.heads import Margin, margin_from_config
+from jaxface.mesh import batch_sharding, micro_batch_sharding, replicated
+from jaxface.models import IMAGE_SIZE, get_model
+from jaxface.optim import make_optimizer
+from jaxface.precision import Policy, policy_from_config
+from jaxface.step import (
+    TrainState,
+    make_embed_fn,
+    make_init_fn,
+    make_train_step,
+    state_shardings,
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training job's model, optimizer, head and jitted functions on one mesh."""
+
+    cfg: Config
+    mesh: Mesh
+    derived: Derived
+    policy: Policy
+    model: Any  # a Flax backbone from jaxface.models.get_model
+    tx: optax.GradientTransformation
+    schedule: Callable
+    margin: Margin
+    init: Callable  # seed -> TrainState (unjitted)
+    abstract_state: TrainState  # ShapeDtypeStructs carrying the shardings below
+    shardings: TrainState
+    train_step: Callable  # jitted, state donated: (state, images, labels) -> (state, metrics)
+    embed: Callable  # jitted: (backbone params, batch_stats, uint8 images) -> embeddings
+
+    @property
+    def data_sharding(self) -> NamedSharding:
+        """Of one step's images and labels: [B, ...], or [k, B, ...] when accumulating."""
+        if self.cfg.gradient_acc == 1:
+            return batch_sharding(self.mesh)
+        return micro_batch_sharding(self.mesh)
+
+    def init_state(self, seed: int | None = None) -> TrainState:
+        """The initial state, each leaf created where its sharding puts it."""
+        seed = self.cfg.seed if seed is None else seed
+        return jax.jit(self.init, out_shardings=self.shardings)(seed)
+
+    def abstract_batch(self) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+        """Shapes, dtypes and shardings of one step's (images, labels)."""
+        lead = () if self.cfg.gradient_acc == 1 else (self.cfg.gradient_acc,)
+        batch = (*lead, self.derived.global_batch)
+        sharding = self.data_sharding
+        return (
+            jax.ShapeDtypeStruct((*batch, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8, sharding=sharding),
+            jax.ShapeDtypeStruct(batch, jnp.int32, sharding=sharding),
+        )
+
+    def lower(self) -> jax.stages.Lowered:
+        """The train step lowered for abstract inputs: `.compile()` it to inspect memory
+        and HLO without allocating anything."""
+        return self.train_step.lower(self.abstract_state, *self.abstract_batch())
+
+
+def build(cfg: Config, mesh: Mesh, *, freeze_bn: bool = False) -> Run:
+    """Model, optimizer, margin, state shardings and jitted step for `cfg` on `mesh`."""
+    derived = derive(cfg, mesh.size)
+    policy = policy_from_config(cfg)
+    model = get_model(
+        cfg.network,
+        embedding_size=cfg.embedding_size,
+        dropout=cfg.dropout,
+        policy=policy,
+        bn_groups=1 if cfg.sync_bn else mesh.size,
+    )
+    tx, schedule = make_optimizer(cfg, derived)
+    margin = margin_from_config(cfg)
+    init = make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded)
+    shapes = jax.eval_shape(init, 0)
+    shardings = state_shardings(shapes, mesh)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
+    step = make_train_step(
+        model,
+        tx,
+        schedule,
+        margin,
+        cfg.num_classes,
+        mesh,
+        num_sample=derived.num_sample,
+        grad_accum=cfg.gradient_acc,
+        freeze_bn=freeze_bn,
+    )
+    return Run(
+        cfg=cfg,
+        mesh=mesh,
+        derived=derived,
+        policy=policy,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        margin=margin,
+        init=init,
+        abstract_state=abstract,
+        shardings=shardings,
+        train_step=jax.jit(step, donate_argnums=0, out_shardings=(shardings, replicated(mesh))),
+        embed=jax.jit(make_embed_fn(model)),
+    )
