@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jaxface-installed
 
-.PHONY: train test test-fast lint setup
+.PHONY: train test test-fast lint setup demo-output
 
 setup: $(STAMP)
 
@@ -28,3 +28,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+
+# Reruns the demo and puts what it prints into README.md (after behaviour changes).
+demo-output: $(STAMP)
+	$(PY) docs/regenerate_demo_output.py

@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from compare.variants import COLUMNS
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display, and before pyplot picks a GUI backend
+import matplotlib.pyplot as plt  # noqa: E402
+
+from compare.variants import COLUMNS  # noqa: E402
 
 FLAVOURS = ("jax", "stock", "tuned")
 HEADERS = {"jax": "jaxface", "stock": "torch stock", "tuned": "torch tuned"}
@@ -62,6 +67,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
+        f"Data: {meta['data_note']}." if meta.get("data_note") else "",
+        "",
         "| row | device | samples/s | ms/step (median) | peak memory | MFU |",
         "|---|---|---|---|---|---|",
     ]
@@ -84,11 +91,6 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 def chart(meta: dict, rows: list[dict], path: Path) -> None:
     """Grouped bars: samples/s per (precision, batch) for each framework."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = _groups(rows)
     flavours = [f for f in FLAVOURS if any(r["flavour"] == f for r in rows)]
     width = 0.8 / max(1, len(flavours))

@@ -3,11 +3,14 @@ mesh, fed a batch that already lives on the devices, or the real host loader."""
 
 from __future__ import annotations
 
+import itertools
+from contextlib import suppress
+from importlib.metadata import PackageNotFoundError, version
+
 import jax
-import numpy as np
 
 from compare.capability import unsupported
-from compare.timing import measure
+from compare.timing import measure, random_batches
 from compare.variants import COLUMNS
 from jaxface import setup
 from jaxface.data.training import make_loader, prepare
@@ -74,19 +77,14 @@ def _batches(spec, cfg, derived, sharding):
             loader.close()
 
         return feed, close
-    rng = np.random.default_rng(cfg.seed)
-    shape = (derived.global_batch, 112, 112, 3)
-    images = jax.device_put(rng.integers(0, 256, shape, np.uint8), sharding)
-    labels = jax.device_put(
-        rng.integers(0, cfg.num_classes, derived.global_batch).astype(np.int32), sharding
-    )
-    return iter(lambda: (images, labels), None), lambda: None
+    pool = [
+        (jax.device_put(images, sharding), jax.device_put(labels, sharding))
+        for images, labels in random_batches(cfg, derived.global_batch, spec.get("pool", 8))
+    ]
+    return itertools.cycle(pool), lambda: None
 
 
 def _versions() -> dict:
-    from contextlib import suppress
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in ("jax", "jaxlib", "flax", "optax"):
         with suppress(PackageNotFoundError):

@@ -3,14 +3,14 @@ stock or tuned, one process per device under torchrun."""
 
 from __future__ import annotations
 
+import itertools
 import os
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from compare.capability import unsupported
-from compare.timing import measure
+from compare.timing import measure, random_batches
 from compare.variants import COLUMNS
 from jaxface.config import derive
 from jaxface.data.training import make_loader
@@ -92,7 +92,11 @@ def _batches(spec, cfg, derived, device, rank, world_size):
                 )
 
         return from_loader()
-    rng = np.random.default_rng(cfg.seed + rank)
-    images = torch.from_numpy(rng.integers(0, 256, (rows, 112, 112, 3), np.uint8)).to(device)
-    labels = torch.from_numpy(rng.integers(0, cfg.num_classes, rows)).long().to(device)
-    return iter(lambda: (images, labels), None)
+    pool = [
+        (
+            torch.from_numpy(images[rank * rows : (rank + 1) * rows]).to(device),
+            torch.from_numpy(labels[rank * rows : (rank + 1) * rows]).long().to(device),
+        )
+        for images, labels in random_batches(cfg, derived.global_batch, spec.get("pool", 8))
+    ]
+    return itertools.cycle(pool)

@@ -7,6 +7,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 
 def measure(
     step: Callable[[], object],
@@ -39,3 +41,16 @@ def measure(
         "timed_steps": steps,
         "warmup_steps": max(1, warmup),
     }
+
+
+def random_batches(cfg, global_batch: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`count` distinct global batches of random uint8 images and labels (the same for both
+    frameworks, from cfg.seed): a pool to cycle, so that no batch is learnt by heart."""
+    rng = np.random.default_rng(cfg.seed)
+    return [
+        (
+            rng.integers(0, 256, (global_batch, 112, 112, 3), np.uint8),
+            rng.integers(0, cfg.num_classes, global_batch).astype(np.int32),
+        )
+        for _ in range(count)
+    ]

@@ -11,6 +11,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from jaxface.config import load_config
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m compare.worker")
@@ -19,9 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = json.loads(args.spec)
     try:
-        from jaxface.config import load_config
-
         cfg = load_config(spec["config"], spec["overrides"])
+        # One framework per worker process: importing the other would cost seconds and
+        # memory, and may not be installed.
         if spec["framework"] == "jax":
             from compare.run_jax import run
         else:

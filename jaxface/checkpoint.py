@@ -13,6 +13,7 @@ ignored.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,19 @@ def check_data_stream(meta: dict, stream: dict, allow_change: bool) -> list[str]
     return changed
 
 
+def _orbax_chatter(record: logging.LogRecord) -> bool:
+    """False for orbax's informational warnings ("Metadata file does not exist" on every
+    restore of a fresh folder): they mean nothing to a user. Its errors still show."""
+    return record.levelno >= logging.ERROR or "orbax" not in record.pathname
+
+
 class Checkpointer:
     """Saves when asked (asynchronously), keeps the last `keep`, restores the latest."""
 
     def __init__(self, directory: str | Path, keep: int, asynchronous: bool = True):
+        absl = logging.getLogger("absl")
+        if _orbax_chatter not in absl.filters:
+            absl.addFilter(_orbax_chatter)
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True

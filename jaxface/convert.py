@@ -218,9 +218,10 @@ def flax_to_torch(
     trees = {"params": to_numpy_tree(params), "batch_stats": to_numpy_tree(batch_stats)}
     width = BACKBONES[network][1][-1]
     try:
-        embedding_size = int(trees["params"]["fc"]["bias"].shape[0])
-    except (KeyError, TypeError):
-        raise ConvertError("jaxface params have no fc/bias: not an IResNet backbone") from None
+        # From the kernel: a damaged bias must be reported as the bias, not the kernel.
+        embedding_size = int(trees["params"]["fc"]["kernel"].shape[-1])
+    except (KeyError, TypeError, IndexError):
+        raise ConvertError("jaxface params have no fc/kernel: not an IResNet backbone") from None
     expected = torch_keys(network, embedding_size)
     wanted = {k: _leaf(k, s) for k, s in expected.items()}
     used = {f"{w[0]}/{'/'.join(w[1])}" for w in wanted.values() if w is not None}

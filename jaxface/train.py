@@ -78,7 +78,7 @@ def train(cfg) -> dict:
         loader = _open_input(cfg, derived.global_batch, is_main, progress.message)
         cleanup.callback(loader.close)
         out = _claim_output(cfg, derived, is_main, cleanup, progress.message)
-        val_paths = verification_paths(cfg, out)
+        val_paths = verification_paths(cfg, out, progress.message)
 
         # --- State: born sharded, or restored from the newest usable checkpoint. Only
         # process 0 talks and writes logs; every process takes part in checkpoints.
@@ -169,8 +169,14 @@ def _header(run: Run, state, start_step: int, out: Path) -> str:
         f"jaxface: {cfg.network} ({n_params:,} backbone params), {cfg.num_classes:,} classes "
         f"over {run.mesh.size} {run.mesh.devices.flat[0].platform} device(s) {processes}"
         f"({derived.num_local_classes:,} each), global batch {derived.global_batch}, "
-        f"{cfg.precision}, steps {start_step + 1}-{derived.run_steps} -> {out}"
+        f"{cfg.precision}, {_steps(start_step, derived.run_steps)} -> {out}"
     )
+
+
+def _steps(start_step: int, run_steps: int) -> str:
+    if start_step >= run_steps:
+        return f"no steps left (the checkpoint is at step {start_step} of {run_steps})"
+    return f"steps {start_step + 1}-{run_steps}"
 
 
 def _claim_output(cfg, derived, is_main: bool, cleanup: ExitStack, say) -> Path:

@@ -138,7 +138,7 @@ def load_backbone(
     if network is not None and stored != network:
         raise ConvertError(f"{str(path)!r} holds a {stored} backbone, not a {network}")
     flax_to_torch(params, stats, stored)  # validates keys and shapes
-    info["embedding_size"] = int(params["fc"]["bias"].shape[0])
+    info["embedding_size"] = int(params["fc"]["kernel"].shape[-1])
     if embedding_size is not None and info["embedding_size"] != embedding_size:
         raise ConvertError(
             f"{str(path)!r} has embedding size {info['embedding_size']}, expected {embedding_size}"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
 from torchref.iresnet import IResNet, get_model, normalize_images
 from torchref.losses import CombinedMarginLoss
@@ -60,6 +62,9 @@ def build(cfg, derived, options: Options, device: torch.device) -> Reference:
         raise ValueError(f"precision {options.precision!r} must be one of {PRECISIONS}")
     rank, world_size = world()
     set_matmul_precision(options.tf32)
+    # XLA flushes denormal numbers to zero; PyTorch on CPU computes them, many times slower
+    # once a model fits its data: flush them too, so that the two run alike.
+    torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
     half = options.precision in ("fp16", "bf16")
     model = get_model(
@@ -87,10 +92,6 @@ def build(cfg, derived, options: Options, device: torch.device) -> Reference:
                 bucket_cap_mb=16,
             )
         if options.precision == "fp16":
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
-                fp16_compress_hook,
-            )
-
             # arcface_torch always compresses gradients to fp16 for the all-reduce; torchref
             # does it under fp16 only, so fp32 runs stay comparable to jaxface.
             backbone.register_comm_hook(None, fp16_compress_hook)
@@ -137,8 +138,6 @@ def train_step(ref: Reference, images: torch.Tensor, labels: torch.Tensor) -> to
 def init_distributed(device_type: str) -> None:
     """Join the torchrun process group (gloo on CPU, NCCL on GPU); nothing if not launched
     by torchrun."""
-    import os
-
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from jaxface.config import validate
 from torchref.engine import Options, build, train_step
 from torchref.partial_fc import class_split
 
@@ -50,8 +51,6 @@ def _step_on_this_rank(cfg, derived, state_dict, centres, images, labels, option
 
 
 def _worker(rank: int, world_size: int, port: int, folder: str, cfg_values, derived) -> None:
-    from jaxface.config import validate
-
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size

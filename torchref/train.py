@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from jaxface import cli
 from jaxface.config import ConfigError, derive, load_config, parse_overrides
+from jaxface.data.recordio import RecordIOError
 from jaxface.data.training import make_loader, prepare
 from torchref.engine import PRECISIONS, Options, build, distributed, train_step
 from torchref.partial_fc import world
@@ -86,7 +88,9 @@ def train(cfg, options: Options, device: torch.device) -> dict:
             losses = torch.stack(pending).cpu().tolist()
             pending.clear()
             if not all(math.isfinite(v) for v in losses):
-                raise FloatingPointError(f"loss is {losses[-1]} at step {step}")
+                raise FloatingPointError(
+                    f"loss is {losses[-1]} at step {step}; lower config key 'lr'"
+                )
             first_loss = losses[0] if first_loss is None else first_loss
             last_loss = sum(losses) / len(losses)
             now = time.perf_counter()
@@ -129,13 +133,14 @@ def train(cfg, options: Options, device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = _parse(sys.argv[1:] if argv is None else argv)
+    codes = ((FloatingPointError, 1), (RecordIOError, 2))
+    return cli.run("torchref.train", _main, argv, codes)
+
+
+def _main(argv: list[str]) -> int:
+    args, rest = _parse(argv)
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        cfg = load_config(args.config, parse_overrides(rest))
-    except ConfigError as exc:
-        print(f"torchref.train: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, parse_overrides(rest))
     options = Options(
         precision=args.precision or cfg.precision,
         tf32=args.tf32,
@@ -149,14 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if device_type == "cuda":
             device = torch.device("cuda", rank % torch.cuda.device_count())
             torch.cuda.set_device(device)
-        try:
-            summary = train(cfg, options, device)
-        except ConfigError as exc:
-            print(f"torchref.train: error: {exc}", file=sys.stderr)
-            return 2
-        except FloatingPointError as exc:
-            print(f"torchref.train: error: {exc}; lower config key 'lr'", file=sys.stderr)
-            return 1
+        summary = train(cfg, options, device)
     if rank == 0:
         print(
             f"done: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} "

@@ -9,6 +9,7 @@ decodes it, nor on how many there are.
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageFilter
 
 try:
     import cv2
@@ -84,8 +85,6 @@ def _augment(image: np.ndarray, params: dict, row: int) -> np.ndarray:
         if sigma:
             image = cv2.GaussianBlur(image, (0, 0), sigma)
     elif scale or sigma:
-        from PIL import Image, ImageFilter
-
         pil = Image.fromarray(np.ascontiguousarray(image))
         if scale:
             h, w = image.shape[:2]

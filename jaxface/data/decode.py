@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from PIL import Image
 
 try:
     import simplejpeg
@@ -42,7 +43,6 @@ def jpeg_backend() -> str:
 
 
 def _pillow(data: bytes) -> np.ndarray:
-    from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))
@@ -104,7 +104,6 @@ def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
         return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
     if simplejpeg is not None:
         return simplejpeg.encode_jpeg(image, quality=quality, colorspace="RGB")
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=quality)
@@ -112,7 +111,6 @@ def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image, np.uint8)).save(buf, format="PNG")

@@ -230,6 +230,13 @@ class RecordFile:
         if self.idx_path.is_file():
             self.keys, self.offsets = self._read_index()
         else:
+            # Said before the scan, which reads the whole file (minutes for a large one).
+            warnings.warn(
+                f"{self.path}: no index file {self.idx_path}; scanning "
+                f"{self.size / 1e6:,.0f} MB of records to build one in memory",
+                RecordIOWarning,
+                stacklevel=3,
+            )
             t0 = time.perf_counter()
             self.keys, self.offsets = scan_offsets(self)
             warnings.warn(

@@ -103,7 +103,7 @@ def step_batch(loader: HostLoader, step: int, grad_accum: int):
     return tuple(np.stack(parts) for parts in zip(*micro, strict=True))
 
 
-def verification_paths(cfg: Config, out: Path) -> list[Path]:
+def verification_paths(cfg: Config, out: Path, say=print) -> list[Path]:
     """Resolve val_targets to .bin files; the synthetic set is written on first use."""
     paths = []
     for target in cfg.val_targets:
@@ -115,6 +115,7 @@ def verification_paths(cfg: Config, out: Path) -> list[Path]:
                 )
             path = out / "synthetic.bin"
             if not path.exists():
+                say(f"writing {SYNTHETIC_VAL_PAIRS} held-out synthetic pairs to {path}")
                 faces = SyntheticFaces(
                     cfg.num_classes, cfg.seed, cfg.synthetic_noise, cfg.synthetic_jitter
                 )

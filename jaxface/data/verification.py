@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 NUM_FOLDS = 10
@@ -28,8 +29,6 @@ class VerificationSetError(ValueError):
 
 
 def _decode(data: bytes, path: Path, index: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             return np.asarray(img.convert("RGB"))
@@ -79,8 +78,6 @@ def load_bin(path: str | Path, image_size: int = 112) -> tuple[np.ndarray, np.nd
 
 def write_bin(path: str | Path, images: np.ndarray, issame, quality: int = 95) -> None:
     """Write uint8 RGB images [2N, H, W, 3] and N pair labels as an InsightFace `.bin`."""
-    from PIL import Image
-
     issame = [bool(s) for s in issame]
     if len(images) != 2 * len(issame):
         raise ValueError(f"{len(images)} images for {len(issame)} pairs: need 2 a pair")
