@@ -107,17 +107,19 @@ class Aligner:
     def _submit(self, b: int) -> None:
         start, stop = self._range(b)
         step = math.ceil((stop - start) / self.workers)
-        self.futures[b] = [
-            self.pool.submit(
-                _worker_task,
-                b % self.slots,
-                lo - start,
-                self.paths[lo : lo + step],
-                self.landmarks[lo : lo + step],
-                self.lines[lo : lo + step],
+        self.futures[b] = []
+        for lo in range(start, stop, step):
+            hi = min(lo + step, stop)
+            self.futures[b].append(
+                self.pool.submit(
+                    _worker_task,
+                    b % self.slots,
+                    lo - start,
+                    self.paths[lo:hi],
+                    self.landmarks[lo:hi],
+                    self.lines[lo:hi],
+                )
             )
-            for lo in range(start, stop, step)
-        ]
 
     def get(self, b: int) -> np.ndarray:
         """uint8 [rows, 112, 112, 3] of batch b (a copy: the ring slot is refilled)."""
