@@ -20,7 +20,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxface.ijb.aligner import Aligner
 from jaxface.ijb.features import Backbone, Embedder, embed_faces
