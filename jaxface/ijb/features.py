@@ -156,20 +156,17 @@ class ProgressLine:
     def update(self, step: int, done: int) -> None:
         if self.mode == "none":
             return
+        now = time.monotonic()
         if step == 1:
             self.meter.start(1)  # the first batch compiles: the clock starts after it
-            rate, eta = "", ""
-        else:
+        elif self.mode == "plain" and now - self._last_print < 10 and done < self.total:
+            return
+        line = f"embedded {done:,}/{self.total:,} faces"
+        if step > 1:  # the rate since the last line shown, the ETA from the average
             w = self.meter.window(step)
-            rate = f"  {w['samples_per_sec']:,.0f} faces/s"
-            eta = f"  ETA {format_duration(w['eta_s'])}"
-        line = f"embedded {done:,}/{self.total:,} faces{rate}{eta}"
-        now = time.monotonic()
-        if self.mode == "bar":
-            self.stream.write("\r" + line + "\x1b[K")
-        elif now - self._last_print >= 10 or done == self.total or step == 1:
-            self.stream.write(line + "\n")
-            self._last_print = now
+            line += f"  {w['samples_per_sec']:,.0f} faces/s  ETA {format_duration(w['eta_s'])}"
+        self._last_print = now
+        self.stream.write(("\r" + line + "\x1b[K") if self.mode == "bar" else line + "\n")
         self.stream.flush()
 
     def close(self) -> None:
