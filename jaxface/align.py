@@ -283,9 +283,14 @@ def _map(pool, fn, tasks: list[tuple]) -> Iterator:
 
 
 def align_to_folder(
-    root: Path, faces: Sequence[Face], out: Path, ext: str = ".jpg", quality: int = 95,
-    workers: int = 0, chunk: int = 64,
-) -> list[tuple[int, str]]:  # fmt: skip
+    root: Path,
+    faces: Sequence[Face],
+    out: Path,
+    ext: str = ".jpg",
+    quality: int = 95,
+    workers: int = 0,
+    chunk: int = 64,
+) -> list[tuple[int, str]]:
     """Write each face's crop under `out`; returns (line, image) of faces with landmarks
     outside their image. Refuses (AlignError) before writing anything if a target exists."""
     names = output_names(faces, ext)
@@ -314,9 +319,14 @@ def identity_of(image: str, landmark_file: Path, line: int) -> str:
 
 
 def align_to_rec(
-    root: Path, faces: Sequence[Face], rec: Path, landmark_file: Path, quality: int = 95,
-    workers: int = 0, chunk: int = 64,
-) -> tuple[list[tuple[int, str]], int, int]:  # fmt: skip
+    root: Path,
+    faces: Sequence[Face],
+    rec: Path,
+    landmark_file: Path,
+    quality: int = 95,
+    workers: int = 0,
+    chunk: int = 64,
+) -> tuple[list[tuple[int, str]], int, int]:
     """Write `rec` + `.idx` + `.identities.txt` (labels 0 .. C-1 in sorted identity
     order, images grouped by label); returns (warnings, images, identities)."""
     prefix = rec.with_suffix("")
