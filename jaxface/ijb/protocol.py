@@ -30,10 +30,11 @@ def image_features(raw: np.ndarray, faceness: np.ndarray, switches: Switches) ->
     raw = np.asarray(raw, np.float32)
     half = raw.shape[1] // 2
     feats = raw[:, :half] + raw[:, half:] if switches.flip else raw[:, :half].copy()
+    # In place from here: at IJB-C's size each temporary is 1 GB of page faults.
     if not switches.norm_score:
-        feats = feats / np.sqrt(np.sum(feats**2, -1, keepdims=True))
+        feats /= np.sqrt(np.sum(feats**2, -1, keepdims=True))
     if switches.detector_score:
-        feats = feats * np.asarray(faceness, np.float32)[:, None]
+        feats *= np.asarray(faceness, np.float32)[:, None]
     return feats
 
 
@@ -44,20 +45,35 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / norm[:, None]
 
 
+def segment_sums(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """float64 sums of the row runs x[starts[i] : starts[i + 1]], each summed in row order.
+
+    By member: the k-th rows of all runs longer than k are added in one vectorised step, so
+    the Python loop runs (longest run) times; np.add.reduceat along axis 0 is ~8x slower
+    at IJB-C's size."""
+    counts = np.diff(np.r_[starts, len(x)])
+    by_length = np.argsort(-counts, kind="stable")
+    longer_than = np.searchsorted(-counts[by_length], -np.arange(int(counts.max())), "left")
+    out = np.zeros((len(starts), x.shape[1]), np.float64)
+    for k, n in enumerate(longer_than):
+        runs = by_length[:n]  # the runs with more than k rows
+        out[runs] += x[starts[runs] + k]
+    return out
+
+
 def template_features(
     feats: np.ndarray, templates: np.ndarray, medias: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """(sorted unique template ids [T], L2-normalised float64 features [T, E])."""
     order = np.lexsort((medias, templates))
     t, m = templates[order], medias[order]
-    f = np.asarray(feats, np.float64)[order]
-    new_group = np.r_[True, (t[1:] != t[:-1]) | (m[1:] != m[:-1])]
-    starts = np.flatnonzero(new_group)
+    f = np.asarray(feats)[order]
+    starts = np.flatnonzero(np.r_[True, (t[1:] != t[:-1]) | (m[1:] != m[:-1])])
     counts = np.diff(np.r_[starts, len(t)])
-    media_means = np.add.reduceat(f, starts, axis=0) / counts[:, None]
+    media_means = segment_sums(f, starts) / counts[:, None]
     media_templates = t[starts]
     t_starts = np.flatnonzero(np.r_[True, media_templates[1:] != media_templates[:-1]])
-    sums = np.add.reduceat(media_means, t_starts, axis=0)
+    sums = segment_sums(media_means, t_starts)
     return media_templates[t_starts], l2_normalize(sums)
 
 
@@ -72,16 +88,26 @@ def template_index(unique_templates: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def pair_scores(
-    unique_templates: np.ndarray, tfeats: np.ndarray, pairs: np.ndarray, chunk: int = 100_000
+    unique_templates: np.ndarray, tfeats: np.ndarray, pairs: np.ndarray, chunk: int = 4096
 ) -> np.ndarray:
-    """float64 cosine of each template pair [P, 2], in order."""
+    """float64 cosine of each template pair [P, 2], in order.
+
+    Pairs are grouped by their first template, so each group is one matrix-vector product
+    over the gathered second templates (half the memory traffic of gathering both sides;
+    IJB-C has 15.7 M pairs over 23 k templates)."""
     i1 = template_index(unique_templates, pairs[:, 0])
     i2 = template_index(unique_templates, pairs[:, 1])
+    order = np.argsort(i1, kind="stable")
+    j1, j2 = i1[order], i2[order]
+    bounds = np.r_[np.flatnonzero(np.r_[True, j1[1:] != j1[:-1]]), len(j1)]
     scores = np.empty(len(pairs), np.float64)
-    for start in range(0, len(pairs), chunk):
-        a = tfeats[i1[start : start + chunk]]
-        b = tfeats[i2[start : start + chunk]]
-        scores[start : start + chunk] = np.einsum("ij,ij->i", a, b)
+    rows = np.empty((min(chunk, len(pairs)), tfeats.shape[1]), tfeats.dtype)  # reused
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        first = tfeats[j1[start]]
+        for lo in range(start, stop, chunk):
+            n = min(chunk, stop - lo)
+            np.take(tfeats, j2[lo : lo + n], axis=0, out=rows[:n])
+            scores[order[lo : lo + n]] = rows[:n] @ first
     return scores
 
 
