@@ -254,10 +254,7 @@ def test_features_are_image_and_flip_embeddings(full_run, layout, weights):
         points = np.array(fields[1:11], np.float32).reshape(5, 2)
         crops.append(align_file(layout.root / "loose_crop" / fields[0], points)[0])
     crops = np.stack(crops)
-    with jax.default_matmul_precision("highest"):
-        want = np.concatenate(
-            [embed(params, stats, crops), embed(params, stats, crops[:, :, ::-1])], 1
-        )
+    want = np.concatenate([embed(params, stats, crops), embed(params, stats, crops[:, :, ::-1])], 1)
     np.testing.assert_allclose(raw[rows], want, rtol=1e-5, atol=1e-5)
 
 

@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="alignment processes (0: in this process)")  # fmt: skip
     p.add_argument("--prefetch", type=int, default=2, help="batches aligned ahead")
-    p.add_argument("--matmul-precision", default="highest", choices=("highest", "default"),
-                   help="float32 convolutions: highest (full float32) or default (TF32 on "
-                   "GPUs that have it, as torch's cuDNN default)")  # fmt: skip
+    p.add_argument("--tf32", action="store_true",
+                   help="TF32 float32 convolutions on GPUs that have them (faster; as torch's "
+                   "cuDNN default); full float32 otherwise")  # fmt: skip
     p.add_argument("--no-flip", action="store_true", help="image embedding only (F1 off)")
     p.add_argument("--no-norm-score", action="store_true",
                    help="L2-normalise each image's embedding (N1 off)")  # fmt: skip
@@ -94,7 +94,7 @@ def embeddings(args, meta: IJBMeta, out: Path) -> tuple[np.ndarray, str]:
             )
         return np.load(path), f"cached features {path} (weights {key['weights_sha256'][:12]})"
     backbone = feat.load_weights(args.weights, args.network)
-    key = feat.cache_key(meta, backbone, args.matmul_precision)
+    key = feat.cache_key(meta, backbone, args.tf32)
     if cached is not None and not args.recompute:
         diff = feat.differences(cached[0], key)
         if not diff:
@@ -108,7 +108,7 @@ def embeddings(args, meta: IJBMeta, out: Path) -> tuple[np.ndarray, str]:
         mesh = make_mesh(args.devices)
     except MeshError as exc:
         raise IJBInputError(str(exc).replace("config key 'num_devices'", "--devices")) from None
-    embedder = feat.Embedder(backbone, mesh, args.batch, args.matmul_precision)
+    embedder = feat.Embedder(backbone, mesh, args.batch, args.tf32)
     print(
         f"{PROG}: {backbone.network} (embedding {backbone.embedding_size}) on {mesh.size} "
         f"{mesh.devices.flat[0].platform} device(s), batch {embedder.batch} (+ flips), "

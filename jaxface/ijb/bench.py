@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=None)
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--size", type=int, default=250, help="loose-crop side in pixels")
-    p.add_argument("--matmul-precision", default="highest", choices=("highest", "default"))
+    p.add_argument("--tf32", action="store_true", help="TF32 convolutions (GPUs)")
     p.add_argument("--embed-calls", type=int, default=3, help="timed calls for 'embed'")
     args = p.parse_args(argv)
 
@@ -62,11 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             f"layout: {layout.faces} faces ({args.size}x{args.size} JPEG), written in "
             f"{time.perf_counter() - start:.1f} s; {args.network}, {mesh.size} "
             f"{mesh.devices.flat[0].platform} device(s), batch {args.batch} per device, "
-            f"{args.workers} workers, matmul precision {args.matmul_precision}"
+            f"{args.workers} workers, tf32 {args.tf32}"
         )
-        embedder = Embedder(
-            random_backbone(args.network, 512), mesh, args.batch, args.matmul_precision
-        )
+        embedder = Embedder(random_backbone(args.network, 512), mesh, args.batch, args.tf32)
         results = {}
 
         aligner = Aligner(meta, embedder.batch, args.workers, prefetch=2)

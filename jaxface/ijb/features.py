@@ -30,6 +30,7 @@ from jaxface.ijb.meta import IJBInputError, IJBMeta
 from jaxface.ijb.report import save_json, save_npy
 from jaxface.mesh import batch_sharding, replicated
 from jaxface.models import BACKBONES, get_model
+from jaxface.precision import Policy
 from jaxface.progress import Meter, format_duration
 from jaxface.step import make_embed_fn
 
@@ -112,10 +113,11 @@ def load_weights(weights: str | Path, network: str | None) -> Backbone:
 class Embedder:
     """uint8 RGB [n <= batch, 112, 112, 3] -> float32 [n, 2E] (image, flip), on the mesh."""
 
-    def __init__(
-        self, backbone: Backbone, mesh: Mesh, per_device_batch: int, precision: str = "highest"
-    ):
-        model = get_model(backbone.network, embedding_size=backbone.embedding_size)
+    def __init__(self, backbone: Backbone, mesh: Mesh, per_device_batch: int, tf32: bool = False):
+        # The precision goes into the model: its layers pass it explicitly, so a
+        # jax.default_matmul_precision context would not reach them.
+        policy = Policy("fp32", jnp.float32, tf32=tf32)
+        model = get_model(backbone.network, embedding_size=backbone.embedding_size, policy=policy)
         embed = make_embed_fn(model)
 
         def both(params, batch_stats, images):
@@ -127,7 +129,6 @@ class Embedder:
 
         self.sharding = batch_sharding(mesh)
         self.batch = per_device_batch * mesh.size
-        self.precision = precision
         self.fn = jax.jit(both, out_shardings=self.sharding)
         self.params = jax.device_put(backbone.params, replicated(mesh))
         self.batch_stats = jax.device_put(backbone.batch_stats, replicated(mesh))
@@ -138,8 +139,7 @@ class Embedder:
         if n < self.batch:  # the last batch padded to the compiled shape
             pad = np.zeros((self.batch - n, *images.shape[1:]), images.dtype)
             images = np.concatenate([images, pad])
-        with jax.default_matmul_precision(self.precision):
-            return self.fn(self.params, self.batch_stats, jax.device_put(images, self.sharding))
+        return self.fn(self.params, self.batch_stats, jax.device_put(images, self.sharding))
 
 
 class ProgressLine:
@@ -231,13 +231,13 @@ def data_key(meta: IJBMeta) -> dict:
     }
 
 
-def cache_key(meta: IJBMeta, backbone: Backbone, precision: str) -> dict:
+def cache_key(meta: IJBMeta, backbone: Backbone, tf32: bool) -> dict:
     return {
         **data_key(meta),
         "weights_sha256": backbone.fingerprint,
         "network": backbone.network,
         "embedding_size": backbone.embedding_size,
-        "matmul_precision": precision,
+        "tf32": tf32,
     }
 
 
