@@ -442,3 +442,27 @@ def test_landmarks_outside_warn_and_still_align(broken, weights, tmp_path, capsy
     assert rc == 0
     assert "ijbc_name_5pts_score.txt:2: landmarks outside" in err
     assert np.isfinite(np.load(tmp_path / "ijbc.npy")).all()
+
+
+def test_torch_model_pt_reuses_the_npz_features(full_run, layout, weights, tmp_path, capsys):
+    """A model.pt converted from the same weights has the same fingerprint: the cache of the
+    .npz run is reused, and the scores are the same."""
+    pytest.importorskip("torch")
+    from jaxface.convert import flax_to_torch, save_torch_state_dict  # needs torch: skipped
+
+    params, stats, _ = load_weights(weights)
+    model_pt = tmp_path / "model.pt"
+    save_torch_state_dict(flax_to_torch(params, stats, "iresnet_tiny"), model_pt)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("features.npy", "faceness.npy", "features.json"):
+        (out / name).write_bytes((full_run / name).read_bytes())
+    capsys.readouterr()
+    assert (
+        run_cli(
+            "--weights", model_pt, "--network", "iresnet_tiny", "--root", layout.root, "--out", out
+        )
+        == 0
+    )
+    assert "same weights and data" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(out / "ijbc.npy"), np.load(full_run / "ijbc.npy"))
