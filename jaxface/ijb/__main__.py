@@ -87,12 +87,14 @@ def embeddings(args, meta: IJBMeta, out: Path) -> tuple[np.ndarray, str]:
         if cached is None:
             raise IJBInputError(f"{out} holds no cached features; pass --weights to embed")
         key, path = cached
-        diff = feat.differences({k: key.get(k) for k in feat.data_key(meta)}, feat.data_key(meta))
+        data = feat.data_key(meta)
+        diff = feat.differences({k: key.get(k) for k in data}, data)
         if diff:
             raise IJBInputError(
                 f"{path} was computed for another {', '.join(diff)}; pass --weights to embed"
             )
-        return np.load(path), f"cached features {path} (weights {key['weights_sha256'][:12]})"
+        weights = str(key.get("weights_sha256", "?"))[:12]
+        return np.load(path), f"cached features {path} (weights sha256 {weights}...)"
     backbone = feat.load_weights(args.weights, args.network)
     key = feat.cache_key(meta, backbone, args.tf32)
     if cached is not None and not args.recompute:
@@ -132,6 +134,8 @@ def embeddings(args, meta: IJBMeta, out: Path) -> tuple[np.ndarray, str]:
 
 
 def run(args) -> int:
+    if args.batch < 1 or args.workers < 0 or args.prefetch < 0:
+        raise IJBInputError("--batch must be >= 1, --workers and --prefetch >= 0")
     out = Path(args.out)
     meta = read_meta(args.root, args.target, args.identification)
     out.mkdir(parents=True, exist_ok=True)
