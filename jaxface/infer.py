@@ -72,18 +72,22 @@ def embed(weights: str, network: str | None, images: np.ndarray, batch_size: int
     """float32 embeddings [N, E] of uint8 images with jaxface, eval mode, float32."""
     # jax only here: torchref.infer shares this module's command line without it.
     import jax
+    import jax.numpy as jnp
 
     from jaxface.models import get_model
+    from jaxface.precision import Policy
     from jaxface.step import make_embed_fn
 
     params, stats, info = load_backbone(weights, network)
-    model = get_model(info["network"], embedding_size=info["embedding_size"])
-    with jax.default_matmul_precision("highest"):
-        fn = jax.jit(make_embed_fn(model))
-        chunks = [
-            np.asarray(fn(params, stats, images[i : i + batch_size]))
-            for i in range(0, len(images), batch_size)
-        ]
+    # Full float32 through the policy: the layers pass their precision explicitly, so a
+    # jax.default_matmul_precision context would not reach them (TF32 on a GPU otherwise).
+    policy = Policy("fp32", jnp.float32, tf32=False)
+    model = get_model(info["network"], embedding_size=info["embedding_size"], policy=policy)
+    fn = jax.jit(make_embed_fn(model))
+    chunks = [
+        np.asarray(fn(params, stats, images[i : i + batch_size]))
+        for i in range(0, len(images), batch_size)
+    ]
     return np.concatenate(chunks).astype(np.float32)
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from jaxface.align import align_file
-from jaxface.convert import load_weights, save_weights
 from jaxface.ijb.__main__ import main
 from jaxface.ijb.meta import meta_files
 from jaxface.ijb.metrics import FARS, identification, roc_curve, tar_at_far
@@ -18,6 +17,7 @@ from jaxface.ijb.protocol import Switches, scores_from_features
 from jaxface.ijb.synthetic import write_layout
 from jaxface.models import get_model
 from jaxface.step import make_embed_fn
+from jaxface.weights import load_weights, save_weights
 
 ALL_SWITCHES = [
     Switches(f, n, d) for f in (True, False) for n in (True, False) for d in (True, False)
@@ -448,7 +448,8 @@ def test_torch_model_pt_reuses_the_npz_features(full_run, layout, weights, tmp_p
     """A model.pt converted from the same weights has the same fingerprint: the cache of the
     .npz run is reused, and the scores are the same."""
     pytest.importorskip("torch")
-    from jaxface.convert import flax_to_torch, save_torch_state_dict  # needs torch: skipped
+    from jaxface.convert import flax_to_torch  # needs torch: skipped
+    from jaxface.weights import save_torch_state_dict
 
     params, stats, _ = load_weights(weights)
     model_pt = tmp_path / "model.pt"

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxface.align import IMAGE_SIZE
-from jaxface.eval import WeightsError, load_backbone  # the one import of the weights loader
+from jaxface.fileio import ConvertError
 from jaxface.ijb.aligner import Aligner
 from jaxface.ijb.meta import IJBInputError, IJBMeta
 from jaxface.ijb.report import save_json, save_npy
@@ -33,6 +33,7 @@ from jaxface.models import BACKBONES, get_model
 from jaxface.precision import Policy
 from jaxface.progress import Meter, format_duration
 from jaxface.step import make_embed_fn
+from jaxface.weights import load_backbone
 
 FEATURES, FACENESS, CACHE_KEY = "features.npy", "faceness.npy", "features.json"
 
@@ -79,7 +80,7 @@ def load_weights(weights: str | Path, network: str | None) -> Backbone:
     IJBInputError (exit 2) for unusable weights or a network that does not match."""
     try:
         params, batch_stats, info = load_backbone(weights, network)
-    except WeightsError as exc:
+    except ConvertError as exc:
         raise IJBInputError(str(exc)) from None
     found = info.get("network")
     if network and found and found != network:
