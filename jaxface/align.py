@@ -24,7 +24,6 @@ import argparse
 import multiprocessing
 import os
 import sys
-import traceback
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from jaxface import cli
 from jaxface.data.decode import encode_jpeg
 from jaxface.data.pack import pack_records
 
@@ -383,6 +383,10 @@ def report_outside(warnings: list[tuple[int, str]], landmark_file: Path, prog: s
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run("jaxface.align", _main, argv, ((AlignError, 2),))
+
+
+def _main(argv: list[str]) -> int:
     prog = "jaxface.align"
     parser = argparse.ArgumentParser(
         prog="python -m jaxface.align", description=__doc__.split("\n")[0]
@@ -393,34 +397,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("jpg", "png"), default="jpg", help="folder output")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help="tracebacks on errors (jaxface.cli)")
     args = parser.parse_args(argv)
     root, landmark_file, out = Path(args.root), Path(args.landmarks), Path(args.out)
-    try:
-        if not root.is_dir():
-            raise AlignError(f"--root {root}: not a folder")
-        faces = read_landmarks(landmark_file)
-        _check_inputs(root, faces, landmark_file)
-        if out.suffix == ".rec":
-            warnings, images, classes = align_to_rec(
-                root, faces, out, landmark_file, args.quality, args.workers
-            )
-            done = f"{images:,} faces of {classes:,} identities -> {out}"
-        else:
-            warnings = align_to_folder(
-                root, faces, out, "." + args.format, args.quality, args.workers
-            )
-            done = f"{len(faces):,} faces -> {out}"
-    except AlignError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - a failed run: one line unless --debug
-        if args.debug:
-            traceback.print_exc()
-        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    if not root.is_dir():
+        raise AlignError(f"--root {root}: not a folder")
+    faces = read_landmarks(landmark_file)
+    _check_inputs(root, faces, landmark_file)
+    if out.suffix == ".rec":
+        warnings, images, classes = align_to_rec(
+            root, faces, out, landmark_file, args.quality, args.workers
+        )
+        done = f"{images:,} faces of {classes:,} identities -> {out}"
+    else:
+        warnings = align_to_folder(root, faces, out, "." + args.format, args.quality, args.workers)
+        done = f"{len(faces):,} faces -> {out}"
     report_outside(warnings, landmark_file, prog)
     print(done)
     return 0

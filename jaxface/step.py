@@ -8,12 +8,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxface.heads import Margin, gather_rows, init_class_centres, partial_fc_loss, sample_class_ids
 from jaxface.heads.sampled_sgd import SampledSGD
-from jaxface.mesh import DATA_AXIS
+from jaxface.mesh import DATA_AXIS, class_sharding, replicated
 from jaxface.models import IMAGE_SIZE, IResNet, normalize_images
 from jaxface.precision import LossScale, all_finite
 
@@ -37,9 +36,7 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
     """Class centres (and their optimizer slots) split by class; everything else replicated."""
 
     def spec(path, leaf):
-        if is_head(path) and leaf.ndim == 2:
-            return NamedSharding(mesh, P(DATA_AXIS, None))
-        return NamedSharding(mesh, P())
+        return class_sharding(mesh) if is_head(path) and leaf.ndim == 2 else replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(spec, abstract_state)
 

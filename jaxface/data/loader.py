@@ -114,7 +114,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _make_ring_file(size: int) -> str:
+def make_ring_file(size: int) -> str:
     """A file of `size` bytes for the shared ring: in /dev/shm when it has room (a Docker
     default is 64 MB, and writing past a full tmpfs kills the writer with SIGBUS, so the
     space is reserved up front), else in the temporary folder (page cache, nearly as fast).
@@ -286,7 +286,7 @@ class HostLoader:
         remove_stale_rings()
         slots = self.prefetch + 1
         shape = (slots, self.rows, self.image_size, self.image_size, 3)
-        self._ring_path = _make_ring_file(int(np.prod(shape)))
+        self._ring_path = make_ring_file(int(np.prod(shape)))
         # Removed at close(), or when the loader is collected, or at exit.
         self._ring_cleanup = weakref.finalize(self, Path(self._ring_path).unlink, missing_ok=True)
         self._ring = np.memmap(self._ring_path, np.uint8, "r+", shape=shape).view(np.ndarray)

@@ -18,11 +18,11 @@ import argparse
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 
+from jaxface import cli
 from jaxface.ijb import features as feat
 from jaxface.ijb.meta import TARGETS, IJBInputError, IJBMeta, read_meta
 from jaxface.ijb.metrics import MateError, identification, verification
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed again, replacing a cache of other weights in --out")  # fmt: skip
     p.add_argument("--name", default=None, help="row label in the tables (default: OUT's name)")
     p.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto")
-    p.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    p.add_argument("--debug", action="store_true", help="tracebacks on errors (jaxface.cli)")
     return p
 
 
@@ -204,22 +204,9 @@ def identify(meta: IJBMeta, unique: np.ndarray, tfeats: np.ndarray):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except IJBInputError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - a failed run: one line unless --debug
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG}: error: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    # jaxface.cli: one line, exit 2 for bad input, 1 for a failed run, --debug for tracebacks.
+    return cli.run(PROG, lambda args: run(build_parser().parse_args(args)), argv,
+                   ((IJBInputError, 2),))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
-import tempfile
 import weakref
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -19,31 +17,10 @@ import cv2
 import numpy as np
 
 from jaxface.align import IMAGE_SIZE, AlignError, align_file
+from jaxface.data.loader import make_ring_file
 from jaxface.ijb.meta import IJBInputError, IJBMeta
 
 _WORKER: dict = {}
-
-
-def _ring_file(size: int) -> str:
-    """A file for the shared ring: /dev/shm when it has room, else the temporary folder."""
-    for folder in ("/dev/shm", None):
-        if folder and not os.path.isdir(folder):
-            continue
-        fd, path = tempfile.mkstemp(prefix="jaxface-ijb-", dir=folder)
-        try:
-            # Reserved up front: writing past a full tmpfs kills the writer with SIGBUS.
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(fd, 0, size)
-            else:
-                os.ftruncate(fd, size)
-            return path
-        except OSError:
-            os.unlink(path)
-            if folder is None:
-                raise
-        finally:
-            os.close(fd)
-    raise AssertionError("unreachable")
 
 
 def _worker_init(ring_path: str | None, shape: tuple, landmark_file: str) -> None:
@@ -89,7 +66,7 @@ class Aligner:
         self.futures: dict[int, list] = {}
         if workers > 0:
             shape = (self.slots, batch, IMAGE_SIZE, IMAGE_SIZE, 3)
-            ring_path = _ring_file(int(np.prod(shape)))
+            ring_path = make_ring_file(int(np.prod(shape)))
             self._cleanup = weakref.finalize(self, Path(ring_path).unlink, missing_ok=True)
             self.ring = np.memmap(ring_path, np.uint8, "r+", shape=shape).view(np.ndarray)
             self.pool = ProcessPoolExecutor(

@@ -4,35 +4,24 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 
+from jaxface.fileio import atomic_write
 from jaxface.ijb.metrics import IdentificationResult, Verification
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 
 
-def _atomic(path: Path, write: Callable) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_npy(path: Path, array: np.ndarray) -> None:
-    _atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def save_text(path: Path, text: str) -> None:
-    _atomic(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def save_json(path: Path, value) -> None:
@@ -79,5 +68,5 @@ def save_roc_png(path: Path, name: str, target: str, result: Verification) -> No
     ax.set_title(f"ROC on {target}")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
