@@ -75,6 +75,10 @@ def _env(devices: int) -> dict:
     # jax on a CPU host: D virtual devices (the flag only concerns the host platform).
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    # PyTorch 2.13's oneDNN AVX-512 channels_last convolutions corrupt the heap on some
+    # AVX-512/AMX Xeons (seen here: SIGSEGV or "free(): invalid next size" in the tuned CPU
+    # rows, fine at AVX2). It concerns CPU kernels only, so GPU rows are not affected.
+    env.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
     return env
 
 

@@ -13,7 +13,7 @@ from compare.capability import unsupported
 from compare.timing import measure, random_batches
 from compare.variants import COLUMNS
 from jaxface.config import derive
-from jaxface.data.training import make_loader
+from jaxface.data.training import make_loader, prepare
 from torchref.engine import Options, build, init_distributed, train_step
 from torchref.partial_fc import world
 
@@ -78,7 +78,10 @@ def _batches(spec, cfg, derived, device, rank, world_size):
     """An endless iterator of this rank's (uint8 NHWC images, int64 labels) on `device`."""
     rows = derived.global_batch // world_size
     if spec["data"] == "rec":
-        # The jax row before this one packed the demo's synthetic set, if the config asks.
+        if rank == 0:  # the demo's synthetic set, packed once (a jax row may have done it)
+            prepare(cfg)
+        if dist.is_initialized():
+            dist.barrier()
         loader = make_loader(cfg, derived.global_batch, rank, world_size)
 
         def from_loader():

@@ -127,7 +127,7 @@ def test_export_eval_plot_and_tensorboard(repo, tmp_path, capsys, small_val_bin)
                           "--bin", str(small_val_bin)]) == 0  # fmt: skip
     assert f"Accuracy-Flip {val['accuracy']:.5f}" in capsys.readouterr().out
 
-    assert eval_cli.main(["--weights", str(tmp_path), "--bin", "x.bin"]) == 1
+    assert eval_cli.main(["--weights", str(tmp_path), "--bin", "x.bin"]) == 2
     assert "expected a jaxface run folder" in capsys.readouterr().err
     assert eval_cli.main(["--weights", str(out), "--bin", str(tmp_path / "no.bin")]) == 1
     assert "no.bin: cannot be read" in capsys.readouterr().err

@@ -78,7 +78,7 @@ def test_infer_bad_inputs(weights, tmp_path, capsys):
         argv = ["--weights", str(weights), "--network", "r18", "--npy", str(tmp_path / "u.npy"),
                 "--out", str(tmp_path / "e.npy")]  # fmt: skip
         assert module.main(argv) == 2
-        assert "looks like a iresnet_tiny state dict, not r18" in capsys.readouterr().err
+        assert "holds a iresnet_tiny backbone, not a r18" in capsys.readouterr().err
 
 
 def test_onnx_export_matches_torch(weights, tmp_path):
