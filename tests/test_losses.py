@@ -307,7 +307,7 @@ def _torch_official(loss_name, loss, emb, centres, labels, margins):
     logits, extra = module(cos, lab, norms, target_cos)
     value = torch.nn.functional.cross_entropy(logits, lab) + extra
     value.backward()
-    return float(value), e.grad.numpy(), w.grad.numpy()
+    return float(value.detach()), e.grad.numpy(), w.grad.numpy()
 
 
 @pytest.mark.torch

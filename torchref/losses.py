@@ -192,10 +192,7 @@ class ElasticFaceLoss(torch.nn.Module):
         index, cols = _owned(labels)
         m_hot = torch.zeros_like(cos_theta)
         m_hot[index, cols] = margin[index]
-        if self.kind == "arc":
-            out = (cos_theta.acos() + m_hot).cos()
-        else:
-            out = cos_theta - m_hot
+        out = (cos_theta.acos() + m_hot).cos() if self.kind == "arc" else cos_theta - m_hot
         out = _offset(cos_theta, out, self.straight_through)
         return out * self.s, cos_theta.new_zeros(())
 

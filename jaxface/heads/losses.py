@@ -221,10 +221,7 @@ class ElasticFace(PerSampleLoss):
 
     def logits(self, cos, is_target, rows):
         m = rows["margin"][:, None]
-        if self.kind == "arc":
-            target = _arc(cos, m, self.grad)
-        else:
-            target = cos - m
+        target = _arc(cos, m, self.grad) if self.kind == "arc" else cos - m
         return jnp.where(is_target, target, cos) * self.scale
 
 
