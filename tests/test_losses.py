@@ -395,3 +395,91 @@ def test_job_configs_load(repo):
         ("elasticface_r50", "elasticface_arc"),
     ]:
         assert load_config(repo / f"configs/{name}.py").loss == loss
+
+
+# --- One training step: jaxface against torchref -------------------------------------------
+
+STEP_LOSSES = {
+    "adaface": {"adaface_t_alpha": "0.5"},
+    "curricularface": {},
+    "magface": {"magface_l_a": "1", "magface_u_a": "30"},
+    "elasticface_arc": {},
+    "elasticface_cos": {"elastic_m": "0.35", "elastic_plus": "true", "elastic_std": "0.02"},
+}
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+@pytest.mark.parametrize("grad", ["straight_through", "exact"])
+@pytest.mark.parametrize("name", list(STEP_LOSSES))
+def test_one_training_step_matches_torchref(repo, name, grad):
+    torch = pytest.importorskip("torch")
+    from test_torchref_parity import images, randomised, rel_err
+
+    from jaxface.config import derive
+    from jaxface.convert import flax_to_torch, torch_to_flax
+    from jaxface.heads import loss_from_config
+    from jaxface.models import get_model as jax_model
+    from jaxface.optim import make_optimizer
+    from jaxface.precision import LossScale
+    from jaxface.step import TrainState, make_train_step
+    from torchref.parity import reference_step
+
+    torch.set_float32_matmul_precision("highest")
+    num_classes = 13
+    cfg = load_config(
+        repo / "configs/demo.py",
+        {"network": "iresnet_tiny", "embedding_size": "32", "num_classes": str(num_classes),
+         "batch_size": "8", "num_image": "800", "lr": "0.1", "warmup_epoch": "0",
+         "loss": name, "margin_grad": grad, **STEP_LOSSES[name]},
+    )  # fmt: skip
+    derived = derive(cfg, 1)
+    model = randomised(cfg.network, seed=1, embedding_size=cfg.embedding_size)
+    state_dict = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(3)
+    centres = (0.01 * rng.standard_normal((num_classes, cfg.embedding_size))).astype(np.float32)
+    batch = images(derived.global_batch, seed=4)
+    labels = rng.integers(0, num_classes, derived.global_batch).astype(np.int32)
+
+    loss = loss_from_config(cfg)
+    seed_key = jax.random.key(0)
+    draw = None
+    if isinstance(loss, ElasticFace):  # the key the step gives the loss (jaxface.step)
+        step_key = jax.random.fold_in(jax.random.fold_in(seed_key, 0), 0x10557)
+        margins = np.asarray(loss.draw(step_key, len(labels)))
+        draw = lambda n: torch.from_numpy(margins.copy())  # noqa: E731
+
+    ref = reference_step(cfg, derived, state_dict, centres, batch, labels, 1, loss_draw=draw)
+
+    mesh = make_mesh(1)
+    params, stats = torch_to_flax(state_dict, cfg.network)
+    tx, schedule = make_optimizer(cfg, derived)
+    all_params = {"backbone": params, "head": {"centres": centres}}
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=all_params,
+        batch_stats=stats,
+        opt_state=tx.init(all_params),
+        rng=jax.random.key_data(seed_key),
+        loss_scale=LossScale.create(False),
+        loss_state=loss.init_state(),
+    )
+    step = jax.jit(
+        make_train_step(jax_model(cfg.network, embedding_size=32), tx, schedule, loss,
+                        num_classes, mesh)
+    )  # fmt: skip
+    args = (state, jnp.asarray(batch), jnp.asarray(labels))
+    with jax.default_matmul_precision("highest"):
+        compiled = step.lower(*args).compile(compiler_options={"xla_backend_optimization_level": 2})
+    new, metrics = jax.device_get(compiled(*args))
+
+    assert abs(float(metrics["loss"]) - ref["loss"]) / abs(ref["loss"]) <= 1e-5
+    got = flax_to_torch(new.params["backbone"], new.batch_stats, cfg.network)
+    for key, expected in ref["state_dict"].items():
+        if not key.endswith("num_batches_tracked"):
+            assert rel_err(got[key], expected) <= 1e-4, key
+    assert rel_err(new.params["head"]["centres"], ref["centres"]) <= 1e-4
+    names = {"batch_mean": "norm_mean", "batch_std": "norm_std", "t": "t"}
+    assert {names[k] for k in ref["loss_state"]} == set(new.loss_state)
+    for k, v in ref["loss_state"].items():
+        np.testing.assert_allclose(new.loss_state[names[k]], v.item(), rtol=1e-5)
