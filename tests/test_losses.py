@@ -483,3 +483,39 @@ def test_one_training_step_matches_torchref(repo, name, grad):
     assert {names[k] for k in ref["loss_state"]} == set(new.loss_state)
     for k, v in ref["loss_state"].items():
         np.testing.assert_allclose(new.loss_state[names[k]], v.item(), rtol=1e-5)
+
+
+# --- Resume keeps the running state -------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adaface", "curricularface", "elasticface_arc"])
+def test_resume_keeps_the_loss_state(repo, tmp_path, name):
+    from jaxface.train import train
+
+    def cfg(out, **overrides):
+        base = dict(
+            num_classes=12, num_image=4000, batch_size=4, embedding_size=32, frequent=1,
+            val_targets="[]", progress="plain", output=str(out), warmup_epoch=0, lr=0.1,
+            checkpoint_every=3, tensorboard=False, rec="synthetic", pack_synthetic=False,
+            num_workers=0, num_devices=1, loss=name, adaface_t_alpha=0.3,
+        )  # fmt: skip
+        base.update(overrides)
+        return load_config(repo / "configs/demo.py", {k: str(v) for k, v in base.items()})
+
+    def losses(summary):
+        return {r["step"]: r["loss"] for r in summary["history"]}
+
+    full = train(cfg(tmp_path / "full", max_steps=6))
+    first = train(cfg(tmp_path / "part", max_steps=3))
+    assert losses(first) == {s: losses(full)[s] for s in (1, 2, 3)}
+    resumed = train(cfg(tmp_path / "part", max_steps=6, resume=True))
+    assert losses(resumed) == {s: losses(full)[s] for s in (4, 5, 6)}
+    want = jax.device_get(full["state"].loss_state)
+    got = jax.device_get(resumed["state"].loss_state)
+    assert set(got) == set(want) == set(LOSSES[name].init_state())
+    for k in want:
+        assert float(got[k]) == float(want[k]), k
+    if want:  # the state moved from its initial value
+        init = LOSSES[name].init_state()
+        assert any(float(want[k]) != float(init[k]) for k in want)
