@@ -358,7 +358,7 @@ def test_gradient_modes_differ_where_the_margin_depends_on_the_cosine():
         ("curricular_m", "2", "'curricular_m'=2.0 must be in \\[0, pi/2\\)"),
         ("elastic_std", "-0.1", "'elastic_std'=-0.1 must be >= 0"),
         ("loss", "sphereface2", "'loss'='sphereface2' must be one of margin, adaface"),
-        ("low_res_augmentation_prob", "1.2", "must be in \\[0, 1\\]"),
+        ("low_res_augmentation_prob", "1.2", "'low_res_augmentation_prob'=1.2 must be in \\[0, 1\\]"),
     ],
 )
 def test_bad_parameters_are_refused_naming_the_key(repo, key, value, message):
