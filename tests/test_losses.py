@@ -358,7 +358,11 @@ def test_gradient_modes_differ_where_the_margin_depends_on_the_cosine():
         ("curricular_m", "2", "'curricular_m'=2.0 must be in \\[0, pi/2\\)"),
         ("elastic_std", "-0.1", "'elastic_std'=-0.1 must be >= 0"),
         ("loss", "sphereface2", "'loss'='sphereface2' must be one of margin, adaface"),
-        ("low_res_augmentation_prob", "1.2", "'low_res_augmentation_prob'=1.2 must be in \\[0, 1\\]"),
+        (
+            "low_res_augmentation_prob",
+            "1.2",
+            "'low_res_augmentation_prob'=1.2 must be in \\[0, 1\\]",
+        ),
     ],
 )
 def test_bad_parameters_are_refused_naming_the_key(repo, key, value, message):
@@ -519,3 +523,58 @@ def test_resume_keeps_the_loss_state(repo, tmp_path, name):
     if want:  # the state moved from its initial value
         init = LOSSES[name].init_state()
         assert any(float(want[k]) != float(init[k]) for k in want)
+
+
+# --- AdaFace's augmentation in the host loader ----------------------------------------------
+
+
+def _ada_loader(probs, **kw):
+    from jaxface.data.loader import HostLoader
+    from jaxface.data.sources import SyntheticDataset
+
+    ds = SyntheticDataset(num_classes=4, num_image=256, seed=0)
+    return HostLoader(ds, 64, seed=kw.pop("seed", 0), flip=False, adaface=probs, **kw)
+
+
+def test_adaface_augmentation_is_deterministic_and_follows_the_global_batch():
+    plain = _ada_loader(None).batch(0)[0]
+    aug = _ada_loader((0.5, 0.5, 0.5)).batch(0)[0]
+    np.testing.assert_array_equal(_ada_loader((0.5, 0.5, 0.5)).batch(0)[0], aug)
+    changed = np.any(aug != plain, axis=(1, 2, 3))
+    assert 0.5 < changed.mean() < 1.0  # 1 - 0.5^3 of the rows, about 0.875
+    np.testing.assert_array_equal(_ada_loader((0.0, 0.0, 0.0)).batch(0)[0], plain)
+    # A process's rows equal its slice of the single-process batch.
+    part = _ada_loader((0.5, 0.5, 0.5), process_index=1, process_count=4).batch(0)[0]
+    np.testing.assert_array_equal(part, aug[16:32])
+    assert not np.array_equal(_ada_loader((0.5, 0.5, 0.5)).batch(1)[0], aug)
+
+
+def test_adaface_crop_keeps_the_box_in_place_and_blacks_out_the_rest():
+    from jaxface.data import adaface_augment
+
+    params = adaface_augment.draw_params(0, 0, 512, (1.0, 0.0, 0.0), 112)
+    i, j, h, w = params["ada_crop"].T
+    assert np.all(h > 0) and np.all(i + h <= 112) and np.all(j + w <= 112)
+    area = h * w / 112**2
+    assert area.min() >= 0.19 and area.max() <= 1.0 and 0.5 < area.mean() < 0.7
+    ratio = w / h
+    assert ratio.min() >= 0.7 and ratio.max() <= 1.4
+    image = np.full((112, 112, 3), 200, np.uint8)
+    out = adaface_augment.apply(image, params, 0)
+    assert np.all(out[i[0] : i[0] + h[0], j[0] : j[0] + w[0]] == 200)
+    assert out.sum() == 200 * 3 * h[0] * w[0]
+
+
+def test_adaface_low_resolution_and_photometric():
+    from jaxface.data import adaface_augment
+
+    params = adaface_augment.draw_params(1, 0, 256, (0.0, 1.0, 1.0), 112)
+    side = params["ada_low"][:, 0]
+    assert side.min() >= 22 and side.max() <= 112
+    assert sorted(np.unique(params["ada_order"][0])) == [0, 1, 2, 3]
+    assert np.all((params["ada_factors"] >= 0.5) & (params["ada_factors"] <= 1.5))
+    grey = np.full((112, 112, 3), 100, np.uint8)  # contrast and saturation leave it alone
+    only_photo = {**params, "ada_low": np.zeros_like(params["ada_low"])}
+    out = adaface_augment.apply(grey, only_photo, 0)
+    b = params["ada_factors"][0, 0]
+    assert abs(int(out[0, 0, 0]) - min(255, round(100 * b))) <= 1
