@@ -91,19 +91,46 @@ def _resize(image: np.ndarray, width: int, height: int, interpolation: int) -> n
 _GREY = np.array([0.299, 0.587, 0.114], np.float32)  # PIL's convert("L")
 
 
+_LEVELS = np.arange(256, dtype=np.float32)
+
+
+def _lut(f: float, towards: float) -> np.ndarray:
+    """uint8 table of towards + f (x - towards), rounded and clipped."""
+    return np.clip(np.floor(towards + f * (_LEVELS - towards) + 0.5), 0, 255).astype(np.uint8)
+
+
 def _photometric(image: np.ndarray, order, factors) -> np.ndarray:
-    x = image.astype(np.float32)
+    if cv2 is None:
+        return _photometric_numpy(image, order, factors)
+    x = image
     for op in order:
         if op == 3:  # ColorJitter's hue: 0, skipped
             continue
         f = float(factors[op])
         if op == 0:  # brightness: blend with black
-            x = x * f
+            x = cv2.LUT(x, _lut(f, 0.0))
         elif op == 1:  # contrast: blend with the mean of the greyscale image
+            mean = float(np.floor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).mean() + 0.5))
+            x = cv2.LUT(x, _lut(f, mean))
+        else:  # saturation: blend with the greyscale image
+            grey = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+            x = cv2.addWeighted(x, f, grey, 1 - f, 0.0)
+    return x
+
+
+def _photometric_numpy(image: np.ndarray, order, factors) -> np.ndarray:
+    x = image.astype(np.float32)
+    for op in order:
+        if op == 3:
+            continue
+        f = float(factors[op])
+        if op == 0:
+            x = x * f
+        elif op == 1:
             mean = np.floor((x @ _GREY).mean() + 0.5)
             x = mean + f * (x - mean)
-        else:  # saturation: blend with the greyscale image
-            grey = (x @ _GREY)[..., None]
+        else:
+            grey = np.floor((x @ _GREY) + 0.5)[..., None]
             x = grey + f * (x - grey)
         x = np.clip(np.floor(x + 0.5), 0, 255)
     return x.astype(np.uint8)
