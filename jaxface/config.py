@@ -27,6 +27,13 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
 MARGIN_GRADS = ("straight_through", "exact")
 PROGRESS_MODES = ("auto", "bar", "plain")
+# The head's losses (jaxface/heads/losses.py keeps the same lists; no jax here).
+LOSSES = ("margin", "adaface", "curricularface", "magface", "elasticface_arc", "elasticface_cos")
+NORM_LOSSES = ("adaface", "magface")  # read the embedding's norm before normalisation
+# Backbones that L2-normalise their own output (norm always 1), so AdaFace and MagFace cannot
+# read a feature norm from them. Every IResNet returns the un-normalised embedding (the
+# `features` BatchNorm's output), whose norm is the one AdaFace and MagFace use.
+NORMALISED_BACKBONES: frozenset[str] = frozenset()
 
 
 class ConfigError(ValueError):
@@ -65,6 +72,14 @@ def _margins(v) -> str | None:
     return None
 
 
+def _angle(v) -> str | None:
+    return None if 0 <= v < math.pi / 2 else "must be in [0, pi/2)"
+
+
+def _probability(v) -> str | None:
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
 def _betas(v) -> str | None:
     if len(v) != 2 or not all(0 <= b < 1 for b in v):
         return "must be two numbers in [0, 1)"
@@ -90,6 +105,21 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "interclass_filtering_threshold": _unit_interval,
     "margin_grad": _one_of(*MARGIN_GRADS),
     "sample_rate": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+    "loss": _one_of(*LOSSES),
+    "adaface_m": _angle,
+    "adaface_h": _positive,
+    "adaface_t_alpha": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+    "curricular_m": _angle,
+    "magface_l_a": _positive,
+    "magface_u_a": _positive,
+    "magface_l_m": _angle,
+    "magface_u_m": _angle,
+    "magface_lambda_g": _non_negative,
+    "elastic_m": _angle,
+    "elastic_std": _non_negative,
+    "crop_augmentation_prob": _probability,
+    "low_res_augmentation_prob": _probability,
+    "photometric_augmentation_prob": _probability,
     "optimizer": _one_of(*OPTIMIZERS),
     "lr": _positive,
     "momentum": _unit_interval,
@@ -275,6 +305,29 @@ def validate(
 
 def _check_consistency(values: dict[str, Any], source: str) -> None:
     """Rules that involve more than one key."""
+    loss = values["loss"]
+    if loss in NORM_LOSSES and values["network"] in NORMALISED_BACKBONES:
+        raise ConfigError(
+            f"{source}: config key 'loss'={loss!r} reads the embedding's norm before "
+            f"normalisation, but backbone {values['network']!r} returns L2-normalised "
+            "embeddings (norm 1); use a backbone that returns the un-normalised one (IResNet)"
+        )
+    if loss == "magface":
+        if values["magface_u_a"] <= values["magface_l_a"]:
+            raise ConfigError(
+                f"{source}: config key 'magface_u_a'={values['magface_u_a']} must be > "
+                f"magface_l_a={values['magface_l_a']}"
+            )
+        if values["magface_u_m"] < values["magface_l_m"]:
+            raise ConfigError(
+                f"{source}: config key 'magface_u_m'={values['magface_u_m']} must be >= "
+                f"magface_l_m={values['magface_l_m']}"
+            )
+    if loss != "margin" and values["interclass_filtering_threshold"] > 0:
+        raise ConfigError(
+            f"{source}: config key 'interclass_filtering_threshold' applies to loss='margin' "
+            f"only, not {loss!r}"
+        )
     many = (values["num_processes"] or 1) > 1
     if many and values["coordinator_address"] is None and not values["distributed"]:
         raise ConfigError(

@@ -37,6 +37,22 @@ def get_config() -> dict:
         interclass_filtering_threshold=0.0,  # > 0 zeroes negative cosines above it
         margin_grad="straight_through",  # straight_through (arcface_torch) | exact
         sample_rate=1.0,  # Partial FC: fraction of each device's centres scored per step
+        # The head's loss (docs/losses.md): margin (the combined margin above, ArcFace by
+        # default) | adaface | curricularface | magface | elasticface_arc | elasticface_cos.
+        # `scale` and `margin_grad` apply to every loss; margin_list only to `margin`.
+        loss="margin",
+        adaface_m=0.4,  # AdaFace (mk-minchul/AdaFace head.py): the margin
+        adaface_h=0.333,  # how strongly the feature norm moves the margin, > 0
+        adaface_t_alpha=0.01,  # momentum of the norm's running mean and std, in (0, 1]
+        curricular_m=0.5,  # CurricularFace: the additive angular margin
+        magface_l_a=10.0,  # MagFace: feature norms are clipped to [l_a, u_a]
+        magface_u_a=110.0,
+        magface_l_m=0.45,  # the margin at norm l_a ...
+        magface_u_m=0.8,  # ... rising linearly to this at norm u_a
+        magface_lambda_g=35.0,  # weight of the norm regulariser g(a) = a / u_a^2 + 1 / a
+        elastic_m=0.5,  # ElasticFace: mean of the per-sample margin (0.35 for elasticface_cos)
+        elastic_std=0.05,  # its standard deviation (0.0175 / 0.02 for the "+" variants)
+        elastic_plus=False,  # ElasticFace+: margins handed out by the target cosine's order
         # Optimisation.
         optimizer="sgd",  # sgd | adamw
         lr=0.1,
@@ -55,6 +71,11 @@ def get_config() -> dict:
         num_workers=2,  # decoding processes of the host loader (0: decode in the trainer)
         flip=True,  # random horizontal flip, as arcface_torch
         augment=False,  # arcface_torch's DALI-style set: downscale, blur, colour, grayscale
+        # AdaFace's augmentation (its dataset code), each with its probability (0: off):
+        adaface_augment=False,  # true: random crop into a zero frame, low resolution, jitter
+        crop_augmentation_prob=0.2,  # RandomResizedCrop scale (0.2, 1), ratio (3/4, 4/3)
+        low_res_augmentation_prob=0.2,  # down to 0.2-1 of the side and back up
+        photometric_augmentation_prob=0.2,  # brightness, contrast, saturation +-50 %
         skip_corrupt=False,  # skip (and report) bad records instead of stopping
         num_classes=1000,
         num_image=100_000,

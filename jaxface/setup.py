@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from jaxface.config import Config, Derived, derive
-from jaxface.heads import Margin, margin_from_config
+from jaxface.config import Config, ConfigError, Derived, derive
+from jaxface.heads import Margin, PerSampleLoss, loss_from_config
+from jaxface.heads.losses import NORM_LOSSES
 from jaxface.mesh import batch_sharding, micro_batch_sharding, replicated
 from jaxface.models import IMAGE_SIZE, get_model
 from jaxface.optim import make_optimizer
@@ -43,7 +44,7 @@ class Run:
     model: Any  # a Flax backbone from jaxface.models.get_model
     tx: optax.GradientTransformation
     schedule: Callable
-    margin: Margin
+    margin: Margin | PerSampleLoss  # the head's loss (config key `loss`)
     init: Callable  # seed -> TrainState (unjitted)
     abstract_state: TrainState  # ShapeDtypeStructs carrying the shardings below
     shardings: TrainState
@@ -90,8 +91,14 @@ def build(cfg: Config, mesh: Mesh, *, freeze_bn: bool = False) -> Run:
         bn_groups=1 if cfg.sync_bn else mesh.size,
     )
     tx, schedule = make_optimizer(cfg, derived)
-    margin = margin_from_config(cfg)
-    init = make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded)
+    margin = loss_from_config(cfg)
+    if cfg.loss in NORM_LOSSES and getattr(model, "normalises_output", False):
+        raise ConfigError(
+            f"{cfg.source}: config key 'loss'={cfg.loss!r} reads the embedding's norm before "
+            f"normalisation, but backbone {cfg.network!r} returns L2-normalised embeddings "
+            "(norm 1); use a backbone that returns the un-normalised embedding (any IResNet)"
+        )
+    init = make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded, margin)
     shapes = jax.eval_shape(init, 0)
     shardings = state_shardings(shapes, mesh)
     abstract = jax.tree.map(

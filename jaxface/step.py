@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -10,7 +11,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxface.heads import Margin, gather_rows, init_class_centres, partial_fc_loss, sample_class_ids
+from jaxface.heads import (
+    Margin,
+    PerSampleLoss,
+    gather_rows,
+    init_class_centres,
+    partial_fc_loss_and_state,
+    sample_class_ids,
+)
 from jaxface.heads.sampled_sgd import SampledSGD
 from jaxface.mesh import DATA_AXIS, class_sharding, replicated
 from jaxface.models import IMAGE_SIZE, IResNet, normalize_images
@@ -25,6 +33,9 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # uint32 key data: dropout and class sampling
     loss_scale: LossScale  # fp16's dynamic loss scale (1 and unused otherwise)
+    # The per-sample loss's running state (AdaFace's norm statistics, CurricularFace's t):
+    # replicated scalars, {} for the combined margin. Saved and restored with the rest.
+    loss_state: Any = dataclasses.field(default_factory=dict)
 
 
 def is_head(path) -> bool:
@@ -42,7 +53,11 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
 
 
 def make_init_fn(
-    model: IResNet, tx: optax.GradientTransformation, num_classes: int, num_padded: int
+    model: IResNet,
+    tx: optax.GradientTransformation,
+    num_classes: int,
+    num_padded: int,
+    loss: Margin | PerSampleLoss | None = None,
 ):
     """seed (int32 scalar) -> TrainState. Jit it with out_shardings to build it sharded."""
 
@@ -64,6 +79,7 @@ def make_init_fn(
             opt_state=tx.init(params),
             rng=jax.random.key_data(k_rng),
             loss_scale=LossScale.create(model.policy.loss_scaling),
+            loss_state=loss.init_state() if isinstance(loss, PerSampleLoss) else {},
         )
 
     return init
@@ -73,7 +89,7 @@ def make_train_step(
     model: IResNet,
     tx: optax.GradientTransformation,
     schedule,
-    margin: Margin,
+    margin: Margin | PerSampleLoss,
     num_classes: int,
     mesh: Mesh,
     *,
@@ -99,7 +115,8 @@ def make_train_step(
         raise ValueError("SampledSGD needs num_sample (sample_rate < 1) and grad_accum 1")
     num_local = -(-num_classes // mesh.shape[DATA_AXIS])  # each device's block of centres
 
-    def loss_fn(params, batch_stats, images, labels, class_ids, dropout_key, scale):
+    def loss_fn(params, batch_stats, images, labels, class_ids, dropout_key, scale, aux_in):
+        loss_state, loss_key = aux_in
         x = normalize_images(images, policy.compute_dtype)
         variables = {"params": params["backbone"], "batch_stats": batch_stats}
         if freeze_bn:
@@ -111,7 +128,7 @@ def make_train_step(
             new_stats = updates["batch_stats"]
         centres = params["head"]["centres"]
         rows = centres if rows_only else gather_rows(centres, class_ids, mesh=mesh)
-        loss = partial_fc_loss(
+        loss, loss_state = partial_fc_loss_and_state(
             embeddings,
             labels,
             rows,
@@ -121,15 +138,21 @@ def make_train_step(
             num_local=num_local,
             mesh=mesh,
             precision=policy.matmul_precision,
+            loss_state=loss_state,
+            key=loss_key,
         )
         # fp16: the backward pass runs on the scaled loss so that small gradients survive.
-        return loss * scale, (loss, new_stats)
+        return loss * scale, (loss, (new_stats, loss_state))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def micro_batch(params, batch_stats, images, labels, key, scale):
-        """(loss, BatchNorm statistics, scaled gradients, sampled class ids) of one batch."""
+    def micro_batch(params, batch_stats, images, labels, key, scale, loss_state):
+        """(loss, (BatchNorm statistics, loss state), scaled gradients, sampled class ids)
+        of one batch."""
         dropout_key, sample_key = jax.random.split(key)
+        # The per-sample losses' draws (ElasticFace's margins): their own stream, so the
+        # dropout and sampling keys are those of the combined margin.
+        loss_key = jax.random.fold_in(key, 0x10557)
         class_ids = sample_class_ids(
             labels,
             sample_key,
@@ -142,7 +165,14 @@ def make_train_step(
             rows = gather_rows(params["head"]["centres"], class_ids, mesh=mesh)
             params = {**params, "head": {"centres": rows}}
         (_, (loss, stats)), grads = grad_fn(
-            params, batch_stats, images, labels, class_ids, dropout_key, scale
+            params,
+            batch_stats,
+            images,
+            labels,
+            class_ids,
+            dropout_key,
+            scale,
+            (loss_state, loss_key),
         )
         return loss, stats, grads, class_ids
 
@@ -151,15 +181,15 @@ def make_train_step(
         each in turn, as k forward passes in PyTorch would."""
 
         def body(carry, inputs):
-            grad_sum, stats, loss_sum, i = carry
+            grad_sum, (stats, loss_state), loss_sum, i = carry
             loss, stats, grads, _ = micro_batch(
-                state.params, stats, *inputs, jax.random.fold_in(key, i), scale
+                state.params, stats, *inputs, jax.random.fold_in(key, i), scale, loss_state
             )
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             return (grad_sum, stats, loss_sum + loss, i + 1), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        carry = (zeros, state.batch_stats, jnp.zeros((), jnp.float32), 0)
+        carry = (zeros, (state.batch_stats, state.loss_state), jnp.zeros((), jnp.float32), 0)
         # Unrolled: XLA:CPU runs convolutions inside a loop body far slower; k is small.
         (grad_sum, stats, loss_sum, _), _ = jax.lax.scan(body, carry, (images, labels), unroll=True)
         grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
@@ -201,7 +231,7 @@ def make_train_step(
         scale = state.loss_scale.scale
         if grad_accum == 1:
             loss, stats, grads, class_ids = micro_batch(
-                state.params, state.batch_stats, images, labels, key, scale
+                state.params, state.batch_stats, images, labels, key, scale, state.loss_state
             )
         else:
             loss, stats, grads, class_ids = accumulated(state, images, labels, key, scale)
@@ -215,10 +245,12 @@ def make_train_step(
             "loss_scale": scale,
             "grads_finite": finite,
         }
+        stats, loss_state = stats
         new_state = state.replace(
             step=state.step + 1,
             params=params,
             batch_stats=stats,
+            loss_state=loss_state,
             opt_state=opt_state,
             loss_scale=state.loss_scale.update(finite) if policy.loss_scaling else state.loss_scale,
         )

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
 from torchref.iresnet import IResNet, get_model, normalize_images
-from torchref.losses import CombinedMarginLoss
+from torchref.losses import make_loss
 from torchref.optim import PolyScheduler, make_optimizer
 from torchref.partial_fc import PartialFC, world
 
@@ -98,8 +98,7 @@ def build(cfg, derived, options: Options, device: torch.device) -> Reference:
     if options.compile:
         backbone = torch.compile(backbone)
     torch.manual_seed(cfg.seed + rank)  # each rank draws its own block of class centres
-    m1, m2, m3 = cfg.margin_list
-    margin = CombinedMarginLoss(cfg.scale, m1, m2, m3, cfg.interclass_filtering_threshold)
+    margin = make_loss(cfg)
     head = PartialFC(margin, cfg.embedding_size, cfg.num_classes, options.sample_rate).to(device)
     optimizer = make_optimizer(cfg, model, head)
     scheduler = PolyScheduler(

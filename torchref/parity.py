@@ -30,9 +30,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _step_on_this_rank(cfg, derived, state_dict, centres, images, labels, options) -> dict:
+def _step_on_this_rank(
+    cfg, derived, state_dict, centres, images, labels, options, loss_draw=None
+) -> dict:
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     ref = build(cfg, derived, options, torch.device("cpu"))
+    if loss_draw is not None:  # ElasticFace: the margins jaxface drew for this step
+        ref.head.margin_softmax.draw = loss_draw
     ref.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()})
     start, num_local = class_split(cfg.num_classes, world_size, rank)
     with torch.no_grad():
@@ -47,6 +51,10 @@ def _step_on_this_rank(cfg, derived, state_dict, centres, images, labels, option
         "loss": float(loss),
         "state_dict": {k: v.detach().numpy().copy() for k, v in ref.model.state_dict().items()},
         "centres": ref.head.weight.detach().numpy().copy(),
+        # The per-sample loss's running state (AdaFace's norm statistics, CurricularFace's t).
+        "loss_state": {
+            k: v.detach().numpy().copy() for k, v in ref.head.margin_softmax.named_buffers()
+        },
     }
 
 
@@ -82,13 +90,17 @@ def reference_step(
     labels: np.ndarray,
     world_size: int = 1,
     options: Options | None = None,
+    loss_draw=None,
 ) -> dict:
     """Loss, backbone state dict and global centres [C, E] after one step on `world_size`
-    CPU ranks. `images` / `labels` are the global batch, split over ranks in order."""
+    CPU ranks. `images` / `labels` are the global batch, split over ranks in order.
+    `loss_draw` (one rank only) replaces ElasticFace's margin draw: n -> [n] margins."""
     if world_size == 1:
         return _step_on_this_rank(
-            cfg, derived, state_dict, centres, images, labels, options or Options()
+            cfg, derived, state_dict, centres, images, labels, options or Options(), loss_draw
         )
+    if loss_draw is not None:
+        raise ValueError("loss_draw works on one rank only")
     if options not in (None, Options()):
         raise ValueError("multi-rank reference steps run with the default Options only")
     with tempfile.TemporaryDirectory() as folder:

@@ -88,7 +88,7 @@ class PartialFC(torch.nn.Module):
 
     def __init__(
         self,
-        margin_loss: CombinedMarginLoss,
+        margin_loss: torch.nn.Module,  # CombinedMarginLoss or a per-sample loss
         embedding_size: int,
         num_classes: int,
         sample_rate: float = 1.0,
@@ -136,5 +136,19 @@ class PartialFC(torch.nn.Module):
         with torch.autocast(embeddings.device.type, enabled=False):
             logits = linear(normalize(embeddings), normalize(weight.float()))
         logits = logits.clamp(-1, 1)
-        logits = self.margin_softmax(logits, labels)
-        return _DistCrossEntropy.apply(logits, labels)
+        if isinstance(self.margin_softmax, CombinedMarginLoss):
+            logits = self.margin_softmax(logits, labels)
+            return _DistCrossEntropy.apply(logits, labels)
+        # Per-sample losses: the global batch's norms (every rank holds every embedding)
+        # and, where asked for, each row's target cosine from the rank that owns it.
+        norms = embeddings.norm(dim=1)
+        target_cos = None
+        if self.margin_softmax.needs_target_cos:
+            with torch.no_grad():
+                target_cos = torch.zeros(logits.size(0), dtype=logits.dtype)
+                index = torch.where(labels != -1)[0]
+                target_cos[index] = logits[index, labels[index]]
+                if self.world_size > 1:
+                    dist.all_reduce(target_cos)
+        logits, extra = self.margin_softmax(logits, labels, norms, target_cos)
+        return _DistCrossEntropy.apply(logits, labels) + extra

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageFilter
 
+from jaxface.data import adaface_augment
+
 try:
     import cv2
 except ImportError:  # pragma: no cover - opencv is a dependency; Pillow/numpy fallback
@@ -32,8 +34,18 @@ _RGB2YIQ = np.array(
 _YIQ2RGB = np.linalg.inv(_RGB2YIQ)
 
 
-def draw_params(seed: int, step: int, global_batch: int, augment: bool, flip: bool) -> dict:
-    """Per-row parameters of global batch `step` (arrays of length global_batch)."""
+def draw_params(
+    seed: int,
+    step: int,
+    global_batch: int,
+    augment: bool,
+    flip: bool,
+    adaface: tuple[float, float, float] | None = None,
+    image_size: int = 112,
+) -> dict:
+    """Per-row parameters of global batch `step` (arrays of length global_batch).
+    `adaface`: AdaFace's (crop, low resolution, photometric) probabilities, applied first
+    (jaxface.data.adaface_augment); its draws have their own stream."""
     rng = np.random.default_rng([seed, _AUG_STREAM, step])
     n = global_batch
     params = {"flip": (rng.random(n) < 0.5) if flip else np.zeros(n, bool)}
@@ -46,6 +58,8 @@ def draw_params(seed: int, step: int, global_batch: int, augment: bool, flip: bo
         hue = np.deg2rad(rng.uniform(-HUE_DEGREES, HUE_DEGREES, n))
         saturation = np.where(gray, 0.0, rng.uniform(*SATURATION_RANGE, n))
         params["colour"] = np.stack([hue, saturation], axis=1)
+    if adaface is not None:
+        params.update(adaface_augment.draw_params(seed, step, global_batch, adaface, image_size))
     return params
 
 
@@ -62,6 +76,8 @@ def _colour_matrix(hue: float, saturation: float) -> np.ndarray:
 def apply(image: np.ndarray, params: dict, row: int, out: np.ndarray) -> None:
     """Augment one uint8 [H, W, 3] image with row `row` of `params`, into `out` (which may
     be the image itself)."""
+    if "ada_crop" in params:
+        image = adaface_augment.apply(image, params, row)
     if "downscale" in params:
         image = _augment(image, params, row)
     if not params["flip"][row]:

@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurements")
     parser.add_argument("--augment", action="store_true")
+    parser.add_argument(
+        "--adaface-augment",
+        action="store_true",
+        help="AdaFace's crop, low-resolution and photometric augmentation, each with p 0.2",
+    )
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
 
@@ -87,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     # drifts, weighs on both alike; the verdict is the median round's ratio.
     ratios, rounds = [], []
     with HostLoader(
-        source, batch, workers=args.workers, prefetch=args.prefetch, augment=args.augment
+        source,
+        batch,
+        workers=args.workers,
+        prefetch=args.prefetch,
+        augment=args.augment,
+        adaface=(0.2, 0.2, 0.2) if args.adaface_augment else None,
     ) as loader:
         loader_rate(loader, 0.0)  # start the workers outside the measurement
         for r in range(args.rounds):
@@ -99,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"round {r + 1}: decode only, one core ({jpeg_backend()} for JPEG): "
                 f"{one_core:,.0f} images/s; loader, {args.workers} workers, batch {batch}"
-                f"{', augment' if args.augment else ''}: {run['rate']:,.0f} images/s = "
+                f"{', augment' if args.augment else ''}"
+                f"{', adaface augment' if args.adaface_augment else ''}: "
+                f"{run['rate']:,.0f} images/s = "
                 f"{100 * ratios[-1]:.0f}% of {args.cores} cores x one-core decode ({goal:,.0f})"
             )
     order = sorted(range(len(ratios)), key=ratios.__getitem__)

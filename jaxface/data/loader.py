@@ -187,6 +187,7 @@ class HostLoader:
         prefetch: int = 2,
         flip: bool = True,
         augment: bool = False,
+        adaface: tuple[float, float, float] | None = None,
         skip_corrupt: bool = False,
         image_size: int = 112,
         chunk: int | None = None,
@@ -211,6 +212,7 @@ class HostLoader:
         self.rows = global_batch // process_count
         self.row_start = process_index * self.rows
         self.flip, self.augment, self.skip_corrupt = flip, augment, skip_corrupt
+        self.adaface = adaface  # AdaFace's (crop, low-res, photometric) probabilities
         self.image_size = image_size
         self.workers, self.prefetch = workers, max(0, prefetch)
         # One task per worker per batch by default: each task costs the main process a
@@ -254,7 +256,15 @@ class HostLoader:
         return self.global_indices(step)[self.row_start : self.row_start + self.rows]
 
     def _params(self, step: int) -> dict:
-        params = aug.draw_params(self.seed, step, self.global_batch, self.augment, self.flip)
+        params = aug.draw_params(
+            self.seed,
+            step,
+            self.global_batch,
+            self.augment,
+            self.flip,
+            self.adaface,
+            self.image_size,
+        )
         return aug.slice_params(params, self.row_start, self.row_start + self.rows)
 
     # --- Batches -----------------------------------------------------------------------

@@ -89,6 +89,15 @@ def make_loader(
             workers=cfg.num_workers,
             flip=cfg.flip,
             augment=cfg.augment,
+            adaface=(
+                (
+                    cfg.crop_augmentation_prob,
+                    cfg.low_res_augmentation_prob,
+                    cfg.photometric_augmentation_prob,
+                )
+                if cfg.adaface_augment
+                else None
+            ),
             skip_corrupt=cfg.skip_corrupt,
         )
     except ValueError as exc:

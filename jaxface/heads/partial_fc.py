@@ -21,11 +21,14 @@ gradients stay local.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxface.heads.losses import PerSampleLoss, RowContext
 from jaxface.heads.margins import Margin
 from jaxface.mesh import DATA_AXIS
 
@@ -107,7 +110,8 @@ def partial_fc_loss(
     mesh: Mesh,
     precision=jax.lax.Precision.HIGHEST,
 ) -> jnp.ndarray:
-    """Mean margin-softmax cross-entropy over the global batch.
+    """Mean margin-softmax cross-entropy over the global batch (see partial_fc_loss_and_state
+    for the per-sample losses and their running state).
 
     embeddings: [global_batch, E], sharded along the batch.
     labels: [global_batch] int, sharded likewise, values in [0, num_classes).
@@ -115,8 +119,48 @@ def partial_fc_loss(
       their indices within each device's block of `num_local` classes.
     Returns a replicated float32 scalar.
     """
+    loss, _ = partial_fc_loss_and_state(
+        embeddings,
+        labels,
+        rows,
+        class_ids,
+        margin=margin,
+        num_classes=num_classes,
+        num_local=num_local,
+        mesh=mesh,
+        precision=precision,
+    )
+    return loss
 
-    def shard_loss(local_emb, local_labels, local_rows, picked):
+
+def partial_fc_loss_and_state(
+    embeddings: jnp.ndarray,
+    labels: jnp.ndarray,
+    rows: jnp.ndarray,
+    class_ids: jnp.ndarray,
+    *,
+    margin: Margin | PerSampleLoss,
+    num_classes: int,
+    num_local: int,
+    mesh: Mesh,
+    precision=jax.lax.Precision.HIGHEST,
+    loss_state: Any = None,
+    key: jax.Array | None = None,
+) -> tuple[jnp.ndarray, Any]:
+    """(loss, new loss state): `partial_fc_loss` for the combined margin or a per-sample
+    loss (jaxface.heads.losses). `loss_state` is the loss's running state (replicated;
+    None: its initial value) and `key` the step's key (losses that draw). The per-row
+    quantities (norms, margins, statistics, the target cosine) are the global batch's,
+    computed identically on every device; per-class work stays on the class's device.
+    """
+    per_sample = isinstance(margin, PerSampleLoss)
+    if per_sample and loss_state is None:
+        loss_state = margin.init_state()
+    if not per_sample:
+        loss_state = {}
+    key_data = jax.random.key_data(key) if per_sample and margin.needs_key else None
+
+    def shard_loss(local_emb, local_labels, local_rows, picked, state, key_data):
         # [B_local, E] per device -> [B_global, E]; transposes to a reduce-scatter.
         emb = jax.lax.all_gather(local_emb.astype(jnp.float32), DATA_AXIS, tiled=True)
         # [B_local] -> [B_global]
@@ -129,10 +173,32 @@ def partial_fc_loss(
         rows32 = local_rows.astype(jnp.float32)
         sum_sq = jnp.sum(jnp.square(rows32), axis=-1)
         inv_norm = 1.0 / jnp.sqrt(jnp.maximum(sum_sq, 1e-24))  # as _l2_normalize
-        cos = jnp.dot(_l2_normalize(emb), rows32.T, precision=precision) * inv_norm
+        emb_sum_sq = jnp.sum(jnp.square(emb), axis=-1, keepdims=True)
+        emb_norm = jnp.sqrt(jnp.maximum(emb_sum_sq, 1e-24))  # as _l2_normalize
+        cos = jnp.dot(emb / emb_norm, rows32.T, precision=precision) * inv_norm
         cos = jnp.clip(cos, -1.0, 1.0)  # [B_global, rows]
         is_target = jnp.arange(picked.shape[0])[None, :] == targets[:, None]
-        logits = margin.logits(cos, is_target)
+        extra = jnp.zeros((), jnp.float32)
+        if per_sample:
+            target_cos = None
+            if margin.needs_target_cos:
+                # [B_global]: the owner's target cosine, on every class shard.
+                owned = jnp.where(is_target, jax.lax.stop_gradient(cos), 0.0).sum(axis=1)
+                target_cos = jax.lax.psum(owned, DATA_AXIS)
+            ctx = RowContext(
+                norms=emb_norm[:, 0],
+                target_cos=target_cos,
+                state=state,
+                key=None if key_data is None else jax.random.wrap_key_data(key_data),
+            )
+            row_info, state, extra = margin.rows(ctx)
+            # Equal on every device but computed from all-gathered values, which shard_map
+            # types as varying: take device 0's (a psum of it and zeros: exact, and the
+            # regulariser's gradient counted once).
+            state, extra = jax.tree.map(_from_first_device, (state, extra))
+            logits = margin.logits(cos, is_target, row_info)
+        else:
+            logits = margin.logits(cos, is_target)
         logits = jnp.where((first_class + picked < num_classes)[None, :], logits, -jnp.inf)
         # [B_global] per device -> the max over all classes.
         row_max = jax.lax.pmax(jax.lax.stop_gradient(logits.max(axis=1)), DATA_AXIS)
@@ -144,15 +210,20 @@ def partial_fc_loss(
         # log p_y in the log domain: no underflow, so no 1e-30 clamp is needed (arcface_torch's
         # clamp is why its loss sticks at 69.08 when p_y underflows).
         log_prob = target - row_max - jnp.log(sum_exp)
-        return -jnp.mean(log_prob)
+        return -jnp.mean(log_prob) + extra, state
 
     return jax.shard_map(
         shard_loss,
         mesh=mesh,
-        in_specs=(P(DATA_AXIS, None), P(DATA_AXIS), P(DATA_AXIS, None), P(DATA_AXIS)),
-        out_specs=P(),
+        in_specs=(P(DATA_AXIS, None), P(DATA_AXIS), P(DATA_AXIS, None), P(DATA_AXIS), P(), P()),
+        out_specs=(P(), P()),
         check_vma=True,
-    )(embeddings, labels, rows, class_ids)
+    )(embeddings, labels, rows, class_ids, loss_state, key_data)
+
+
+def _from_first_device(x):
+    first = jax.lax.axis_index(DATA_AXIS) == 0
+    return jax.lax.psum(jnp.where(first, x, jnp.zeros_like(x)), DATA_AXIS)
 
 
 def _sample_classes(key_data, shard, local_labels, num_local, num_sample, num_real_local):
