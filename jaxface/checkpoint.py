@@ -25,8 +25,9 @@ import orbax.checkpoint as ocp
 from jaxface.config import ConfigError
 from jaxface.step import is_head
 
-# Keys whose values fix the shapes in the state: a checkpoint must agree on them.
-SHAPE_KEYS = ("network", "embedding_size", "num_classes", "optimizer")
+# Keys whose values fix the shapes in the state (the loss: its running state): a
+# checkpoint must agree on them.
+SHAPE_KEYS = ("network", "embedding_size", "num_classes", "optimizer", "loss")
 
 
 class CheckpointError(RuntimeError):
