@@ -44,6 +44,7 @@ def build(spec: dict, cfg):
         embedding_size=cfg.embedding_size,
         policy=policy_from_config(cfg),
         bn_groups=1 if cfg.sync_bn else mesh.size,
+        remat=cfg.remat,
     )
     tx, schedule = make_optimizer(cfg, derived)
     init = make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded)

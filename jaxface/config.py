@@ -19,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from jaxface.models.names import BACKBONES
+from jaxface.models.names import NETWORKS, remat_problem
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
@@ -70,7 +70,7 @@ def _betas(v) -> str | None:
 
 
 def _backbone(v) -> str | None:
-    return None if v in BACKBONES else f"unknown backbone; choose one of {', '.join(BACKBONES)}"
+    return None if v in NETWORKS else f"unknown backbone; choose one of {', '.join(NETWORKS)}"
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ SCHEMA: dict[str, Field] = {
     "network": Field(str, _backbone),
     "embedding_size": Field(int, _positive),
     "dropout": Field(float, _unit_interval),
+    "remat": Field(bool),
     "precision": Field(str, _one_of(*PRECISIONS)),
     "tf32": Field(bool),
     "sync_bn": Field(bool),
@@ -262,6 +263,8 @@ def validate(values: Mapping[str, Any], source: str = "<dict>") -> Config:
 
 def _check_consistency(values: dict[str, Any], source: str) -> None:
     """Rules that involve more than one key."""
+    if values["remat"] and (problem := remat_problem(values["network"])):
+        raise ConfigError(f"{source}: config key 'remat'=True: {problem}")
     if values["coordinator_address"] is not None:
         for key in ("num_processes", "process_id"):
             if values[key] is None:

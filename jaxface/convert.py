@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxface.models.names import BACKBONES
+from jaxface import families
+from jaxface.models.names import BACKBONES, NETWORKS
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 FC_H = FC_W = 7
@@ -54,8 +55,10 @@ def _bn_keys(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
 
 def torch_keys(network: str, embedding_size: int = 512) -> dict[str, tuple[int, ...]]:
     """arcface_torch's state-dict keys of `network`, in module order, with their shapes."""
+    if families.has_table(network):
+        return {e.key: e.shape for e in families.table(network, embedding_size)}
     if network not in BACKBONES:
-        raise ConvertError(f"unknown backbone {network!r}; choose one of {', '.join(BACKBONES)}")
+        raise ConvertError(f"unknown backbone {network!r}; choose one of {', '.join(NETWORKS)}")
     blocks, widths = BACKBONES[network]
     keys: dict[str, tuple[int, ...]] = {"conv1.weight": (widths[0], 3, 3, 3)}
     keys |= _bn_keys("bn1", widths[0])
@@ -92,6 +95,8 @@ def _flax_path(torch_module: str) -> tuple[str, ...]:
 
 def detect_network(state_dict: Mapping[str, Any]) -> str | None:
     """The backbone whose blocks per stage and widths match the keys, or None."""
+    if found := families.detect(state_dict):
+        return found
     blocks = []
     for stage in range(1, 5):
         ids = {int(m.group(1)) for k in state_dict if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
@@ -104,7 +109,20 @@ def detect_network(state_dict: Mapping[str, Any]) -> str | None:
     return None
 
 
+def embedding_size_of_params(params: Mapping) -> int:
+    """The embedding size of jaxface backbone params, any family."""
+    size = families.flax_embedding_size(params)
+    try:
+        return size if size is not None else int(params["fc"]["bias"].shape[0])
+    except (KeyError, TypeError):
+        raise ConvertError(
+            "jaxface params hold no known backbone head (fc, features, feature_2)"
+        ) from None
+
+
 def embedding_size_of(state_dict: Mapping[str, Any]) -> int:
+    if (size := families.torch_embedding_size(state_dict)) is not None:
+        return size
     fc = state_dict.get("fc.weight")
     if fc is None:
         raise ConvertError("state dict has no 'fc.weight': not an IResNet backbone")
@@ -127,14 +145,21 @@ def check_state_dict(
 ) -> None:
     """Raise ConvertError naming missing/extra keys, a different backbone, or bad shapes."""
     if embedding_size is None:
-        embedding_size = embedding_size_of(state_dict) if "fc.weight" in state_dict else 512
+        try:
+            embedding_size = embedding_size_of(state_dict)
+        except ConvertError:
+            embedding_size = 512
     expected = torch_keys(network, embedding_size)
     missing = [k for k in expected if k not in state_dict]
     extra = [k for k in state_dict if k not in expected]
     if missing or extra:
         found = detect_network(state_dict)
+        family = NETWORKS[found] if found else families.family_hint(state_dict)
         hint = (
-            f"; it looks like a {found} state dict, not {network}"
+            f"; its keys belong to the {family} family ({found or 'size unknown'}), "
+            f"not to {NETWORKS.get(network)}"
+            if family and family != NETWORKS.get(network)
+            else f"; it looks like a {found} state dict, not {network}"
             if found and found != network
             else ""
         )
@@ -185,6 +210,8 @@ def torch_to_flax(
     """
     check_state_dict(state_dict, network, embedding_size)
     sd = {k: _as_numpy(v) for k, v in state_dict.items()}
+    if families.has_table(network):
+        return families.to_flax(sd, families.table(network, embedding_size_of(sd)))
     if not np.all(sd["features.weight"] == 1):
         raise ConvertError(
             "features.weight is not all ones: arcface_torch freezes it at 1 and jaxface has "
@@ -229,6 +256,8 @@ def flax_to_torch(
     `num_batches_tracked` (int64), which jaxface does not track.
     """
     trees = {"params": _to_numpy_tree(params), "batch_stats": _to_numpy_tree(batch_stats)}
+    if families.has_table(network):
+        return _table_to_torch(trees, network, num_batches_tracked)
     width = BACKBONES[network][1][-1]
     try:
         embedding_size = int(trees["params"]["fc"]["bias"].shape[0])
@@ -269,6 +298,26 @@ def flax_to_torch(
                 f"{list(value.shape)}, expected {list(shape)}"
             )
         out[key] = np.ascontiguousarray(value)
+    return out
+
+
+def _table_to_torch(trees: dict, network: str, num_batches_tracked: int) -> dict:
+    """flax_to_torch for the MobileFaceNet and ViT families (jaxface.families' tables)."""
+    embedding_size = families.flax_embedding_size(trees["params"])
+    if embedding_size is None:
+        raise ConvertError(f"jaxface params have no embedding layer of a {network}")
+    entries = families.table(network, embedding_size)
+    used = families.flax_leaves(entries)
+    present = set(_leaf_paths(trees["params"], "params"))
+    present |= set(_leaf_paths(trees["batch_stats"], "batch_stats"))
+    missing, extra = sorted(used - present), sorted(present - used)
+    if missing or extra:
+        parts = [f"missing {_listing(missing)}"] if missing else []
+        parts += [f"unexpected {_listing(extra)}"] if extra else []
+        raise ConvertError(f"jaxface weights are not a {network}: " + "; ".join(parts))
+    out, problems = families.to_torch(trees, entries, num_batches_tracked)
+    if problems:
+        raise ConvertError(f"shape mismatch for {network}: " + "; ".join(problems[:8]))
     return out
 
 
@@ -411,17 +460,20 @@ def load_backbone(
         found = detect_network(sd)
         network = network or found
         if network is None:
-            raise ConvertError(f"{str(path)!r}: cannot tell which IResNet this is; pass --network")
+            raise ConvertError(f"{str(path)!r}: cannot tell which backbone this is; pass --network")
         if (
             embedding_size is not None
-            and "fc.weight" in sd
+            and ("fc.weight" in sd or families.torch_embedding_size(sd) is not None)
             and embedding_size_of(sd) != embedding_size
         ):
             raise ConvertError(
                 f"{str(path)!r} has embedding size {embedding_size_of(sd)}, "
                 f"expected {embedding_size}"
             )
-        params, stats = torch_to_flax(sd, network, embedding_size)
+        try:
+            params, stats = torch_to_flax(sd, network, embedding_size)
+        except ConvertError as exc:
+            raise ConvertError(f"{str(path)!r}: {exc}") from None
         return params, stats, network
     params, stats, meta = load_weights(path)
     stored = str(meta["network"])
@@ -429,9 +481,9 @@ def load_backbone(
         raise ConvertError(f"{str(path)!r} holds {stored} weights, not {network}")
     network = stored
     flax_to_torch(params, stats, network)  # validates keys and shapes
-    if embedding_size is not None and params["fc"]["bias"].shape[0] != embedding_size:
+    if embedding_size is not None and embedding_size_of_params(params) != embedding_size:
         raise ConvertError(
-            f"{str(path)!r} has embedding size {params['fc']['bias'].shape[0]}, "
+            f"{str(path)!r} has embedding size {embedding_size_of_params(params)}, "
             f"expected {embedding_size}"
         )
     return params, stats, network
@@ -643,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             sd = load_torch_state_dict(args.src)
             network = args.network or detect_network(sd)
             if network is None:
-                raise ConvertError(f"{args.src!r}: cannot tell which IResNet this is; --network")
+                raise ConvertError(f"{args.src!r}: cannot tell which backbone this is; --network")
             params, stats = torch_to_flax(sd, network)
             tracked = {int(v) for k, v in sd.items() if k.endswith("num_batches_tracked")}
             save_weights(args.dst, params, stats, network, max(tracked, default=0))

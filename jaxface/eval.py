@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
+    from jaxface.convert import embedding_size_of_params
     from jaxface.data.verification import VerificationSetError
     from jaxface.mesh import make_mesh
-    from jaxface.models import BACKBONES, get_model
+    from jaxface.models import NETWORKS, get_model
     from jaxface.step import make_embed_fn
     from jaxface.verify import Verifier, format_result
 
@@ -90,15 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxface.eval: error: {exc}", file=sys.stderr)
         return 1
     network = args.network or info.get("network")
-    if network not in BACKBONES:
+    if network not in NETWORKS:
         print(f"jaxface.eval: error: unknown backbone {network!r}; choose one of "
-              f"{', '.join(BACKBONES)}", file=sys.stderr)  # fmt: skip
+              f"{', '.join(NETWORKS)}", file=sys.stderr)  # fmt: skip
         return 2
     if info.get("network") and info["network"] != network:
         print(f"jaxface.eval: error: {args.weights} holds a {info['network']}, not a {network}",
               file=sys.stderr)  # fmt: skip
         return 1
-    embedding_size = args.embedding_size or int(params["fc"]["bias"].shape[0])
+    embedding_size = args.embedding_size or embedding_size_of_params(params)
     model = get_model(network, embedding_size=embedding_size)
     mesh = make_mesh()
     try:

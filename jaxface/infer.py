@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxface.models.names import BACKBONES, IMAGE_SIZE
+from jaxface.models.names import IMAGE_SIZE, NETWORKS
 
 
 class InferError(ValueError):
@@ -25,7 +25,7 @@ class InferError(ValueError):
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Face embeddings of aligned crops.")
     parser.add_argument("--weights", required=True, help="model.pt (torch) or weights .npz")
-    parser.add_argument("--network", choices=list(BACKBONES), help="detected when omitted")
+    parser.add_argument("--network", choices=list(NETWORKS), help="detected when omitted")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", help="image files (112x112 RGB crops)")
     source.add_argument("--npy", help="uint8 array [N, 112, 112, 3], RGB")
@@ -71,12 +71,12 @@ def embed(weights: str, network: str | None, images: np.ndarray, batch_size: int
     """float32 embeddings [N, E] of uint8 images with jaxface, eval mode, float32."""
     import jax
 
-    from jaxface.convert import load_backbone
+    from jaxface.convert import embedding_size_of_params, load_backbone
     from jaxface.models import get_model
     from jaxface.step import make_embed_fn
 
     params, stats, network = load_backbone(weights, network)
-    model = get_model(network, embedding_size=int(params["fc"]["bias"].shape[0]))
+    model = get_model(network, embedding_size=embedding_size_of_params(params))
     with jax.default_matmul_precision("highest"):
         fn = jax.jit(make_embed_fn(model))
         chunks = [

@@ -46,6 +46,7 @@ def step_memory(cfg, num_devices: int) -> dict[str, int]:
         embedding_size=cfg.embedding_size,
         policy=policy_from_config(cfg),
         bn_groups=1 if cfg.sync_bn else num_devices,
+        remat=cfg.remat,
     )
     tx, schedule = make_optimizer(cfg, derived)
     init = make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded)

@@ -145,6 +145,7 @@ def train(cfg) -> dict:
         dropout=cfg.dropout,
         policy=policy,
         bn_groups=1 if cfg.sync_bn else mesh.size,
+        remat=cfg.remat,
     )
     tx, schedule = make_optimizer(cfg, derived)
     margin = margin_from_config(cfg)

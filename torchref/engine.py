@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from torchref.iresnet import IResNet, get_model, normalize_images
+from torchref.iresnet import IResNet, normalize_images
 from torchref.losses import CombinedMarginLoss
+from torchref.models import get_model
 from torchref.optim import PolyScheduler, make_optimizer
 from torchref.partial_fc import PartialFC, world
 

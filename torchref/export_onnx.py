@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from jaxface.convert import ConvertError
-from jaxface.models.names import BACKBONES
+from jaxface.models.names import NETWORKS
 from torchref.infer import load_model
 
 
@@ -54,7 +54,7 @@ def check(model: torch.nn.Module, path: str | Path, batch: int = 3) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torchref.export_onnx")
     parser.add_argument("--weights", required=True, help="model.pt (torch) or weights .npz")
-    parser.add_argument("--network", choices=list(BACKBONES))
+    parser.add_argument("--network", choices=list(NETWORKS))
     parser.add_argument("--out", required=True)
     parser.add_argument("--check", action="store_true", help="compare with onnxruntime")
     args = parser.parse_args(argv)

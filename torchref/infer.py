@@ -8,13 +8,14 @@ import sys
 import numpy as np
 import torch
 
-from jaxface.convert import flax_to_torch, is_torch_file, load_backbone
+from jaxface.convert import embedding_size_of_params, flax_to_torch, is_torch_file, load_backbone
 from jaxface.infer import cli_main
 from torchref.engine import set_matmul_precision
-from torchref.iresnet import IResNet, get_model, normalize_images
+from torchref.iresnet import normalize_images
+from torchref.models import get_model
 
 
-def load_model(weights: str, network: str | None) -> IResNet:
+def load_model(weights: str, network: str | None) -> torch.nn.Module:
     """A torchref backbone in eval mode from a torch model.pt or jaxface .npz."""
     params, stats, network = load_backbone(weights, network)  # checks keys and shapes
     if is_torch_file(weights):
@@ -23,7 +24,7 @@ def load_model(weights: str, network: str | None) -> IResNet:
         state_dict = load_torch_state_dict(weights)
     else:
         state_dict = flax_to_torch(params, stats, network)
-    model = get_model(network, num_features=int(params["fc"]["bias"].shape[0]))
+    model = get_model(network, num_features=embedding_size_of_params(params))
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()})
     return model.eval()
 
