@@ -198,9 +198,11 @@ def _jax_step(cfg, derived, model, params, stats, centres, batch, labels):
 
 
 STEP_CONFIGS = {
-    # arcface_torch's mbf recipe (SGD, CosFace) and its ViT one (AdamW lr 1e-3, wd 0.1).
-    "mbf": {"margin_list": "1.0,0.0,0.4", "lr": "0.1", "weight_decay": "1e-4"},
-    "vit_t": {"margin_list": "1.0,0.0,0.4", "optimizer": "adamw", "lr": "1e-3",
+    # arcface_torch's mbf recipe (SGD, CosFace) and its ViT one (AdamW, wd 0.1), with smaller
+    # learning rates: float32 rounding of the step (see below) shows in the weights in
+    # proportion to the step's size, and AdamW's first step is lr * sign(g) elementwise.
+    "mbf": {"margin_list": "1.0,0.0,0.4", "lr": "0.01", "weight_decay": "1e-4"},
+    "vit_t": {"margin_list": "1.0,0.0,0.4", "optimizer": "adamw", "lr": "2e-4",
               "weight_decay": "0.1"},
 }  # fmt: skip
 
@@ -241,9 +243,21 @@ def test_one_training_step_matches(repo, network, monkeypatch):
             # Unused without masking: PyTorch's AdamW skips a parameter without a gradient,
             # optax decays it (lr * wd per step). A documented difference.
             assert np.array_equal(expected, state_dict[key])
-            np.testing.assert_allclose(got[key], state_dict[key] * (1 - 1e-3 * 0.1), rtol=1e-6)
+            decay = 1 - cfg.lr * cfg.weight_decay
+            np.testing.assert_allclose(got[key], state_dict[key] * decay, rtol=1e-6)
+            continue
+        if key == "norm.bias" and cfg.optimizer == "adamw":
+            # Its true gradient is zero (a per-channel shift of every token is removed by
+            # feature.1, BatchNorm over the batch); AdamW's g / (|g| + eps) turns rounding
+            # noise of ~1e-9 into steps of up to lr on either side.
+            assert np.abs(got[key] - expected).max() <= 2 * cfg.lr
             continue
         assert rel_err(got[key], expected) <= 1e-4, key
+        moved = expected - state_dict[key]
+        if np.linalg.norm(moved) > 1e-4 * np.linalg.norm(expected):
+            # float32's floor: torchref's own gradients at batch 4 differ from a float64 run
+            # by up to 1.7e-3 relative (BatchNorm over 4 samples amplifies rounding).
+            assert rel_err(got[key] - state_dict[key], moved) <= 5e-3, key
     assert rel_err(np.asarray(new.params["head"]["centres"]), ref["centres"]) <= 1e-4
 
 
@@ -299,7 +313,7 @@ def test_train_step_draws_a_new_mask_each_step(repo):
 # --------------------------------------------------------------------------- remat
 
 
-@pytest.mark.parametrize("network", ["mbf_large", "vit_t"])
+@pytest.mark.parametrize("network", ["mbf", "vit_t"])
 def test_remat_changes_memory_not_numbers(network):
     kw = {"depth": 2, "embed_dim": 64, **NO_NOISE} if network.startswith("vit") else {}
     plain = jax_model(network, embedding_size=16, **kw)
