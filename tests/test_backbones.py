@@ -377,7 +377,8 @@ def test_onnx_export_matches_torch(network, tmp_path):
     )
 
 
-def test_infer_and_eval_accept_new_names(tmp_path, capsys):
+def test_infer_eval_and_init_from_accept_new_names(tmp_path, small_val_bin, capsys):
+    from jaxface import eval as jax_eval
     from jaxface import infer as jax_infer
     from torchref import infer as torch_infer
 
@@ -391,6 +392,15 @@ def test_infer_and_eval_accept_new_names(tmp_path, capsys):
         assert module.main([*args, "--out", str(out)]) == 0
         outs.append(np.load(out))
     assert outs[0].shape == (2, 32) and rel_err(outs[0], outs[1]) <= 1e-5
+    pt = str(tmp_path / "model.pt")
+    assert jax_eval.main(["--weights", pt, "--bin", str(small_val_bin), "--batch", "8"]) == 0
+    assert "small_val" in capsys.readouterr().out
+    params, stats = convert.init_backbone_from_torch(pt, "mbf", 32)  # --config.init_from
+    variables, _ = _abstract(jax_model("mbf", embedding_size=32))
+    shapes = jax.tree.map(lambda a: a.shape, {"params": params, "batch_stats": stats})
+    assert shapes == jax.tree.map(lambda a: a.shape, dict(variables))
+    with pytest.raises(ConvertError, match="embedding size 32, expected 64"):
+        convert.init_backbone_from_torch(pt, "mbf", 64)
 
 
 # --------------------------------------------------------------------------- bad input
