@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             + f" --xla_force_host_platform_device_count={args.devices}"
             + " --xla_backend_optimization_level=0"  # buffer sizes do not depend on it
         )
-    from jaxface.config import ConfigError, load_config, parse_overrides
+    from jaxface.config import ConfigError, derive, load_config, parse_overrides
     from jaxface.mesh import MeshError
 
     try:
@@ -149,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             mem,
         )
         per_image = _activations_per_image(cfg)
+        batch = derive(cfg, args.devices).batch_per_device
         print(
             f"  saved activations {per_image / 2**20:.2f} MiB per image, "
-            f"{per_image * cfg.batch_size / GIB:.3f} GiB per device (remat={cfg.remat}; "
+            f"{per_image * batch / GIB:.3f} GiB per device (remat={cfg.remat}; "
             "see jaxface.residuals)"
         )
         if args.memory_gb:

@@ -24,7 +24,7 @@ from jaxface.models import normalize_images as jax_normalize  # noqa: E402
 from jaxface.models.names import MOBILEFACENETS, VITS  # noqa: E402
 from jaxface.models.vit import drop_path_rates  # noqa: E402
 from jaxface.optim import make_optimizer  # noqa: E402
-from jaxface.precision import LossScale  # noqa: E402
+from jaxface.precision import LossScale, Policy  # noqa: E402
 from jaxface.step import TrainState, make_train_step  # noqa: E402
 from torchref import engine  # noqa: E402
 from torchref.iresnet import normalize_images as torch_normalize  # noqa: E402
@@ -308,6 +308,29 @@ def test_train_step_draws_a_new_mask_each_step(repo):
     later = float(step(state.replace(step=state.step + 1), batch, labels)[1]["loss"])
     assert loss[0] == loss[1]  # same state, same key, same masks
     assert abs(later - loss[0]) > 1e-6  # the step's key moved on: other masks
+
+
+@pytest.mark.parametrize("network", ["mbf", "vit_t"])
+def test_bf16_keeps_params_and_output_float32(network):
+    kw = {"depth": 2, "embed_dim": 64} if network.startswith("vit") else {}
+    model = jax_model(network, embedding_size=16, policy=Policy("bf16", jnp.bfloat16), **kw)
+    x = jax_normalize(jnp.asarray(images(2)), jnp.bfloat16)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+    y, _ = jax.jit(
+        lambda v, x: model.apply(
+            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}
+        )
+    )(variables, x)
+    assert y.dtype == jnp.float32 and y.shape == (2, 16) and bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_torchref_checkpointed_vit_trains():
+    model = torch_model("vit_b", num_features=16, depth=2, embed_dim=64)
+    assert model.using_checkpoint
+    model.train()
+    model(torch.randn(2, 3, 112, 112)).square().sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None and model.mask_token.grad is not None
 
 
 # --------------------------------------------------------------------------- remat

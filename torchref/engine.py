@@ -86,6 +86,8 @@ def build(cfg, derived, options: Options, device: torch.device) -> Reference:
                 device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False,
                 bucket_cap_mb=16,
+                # A ViT's mask_token gets no gradient without masking (as arcface_torch).
+                find_unused_parameters=hasattr(model, "mask_token"),
             )
         if options.precision == "fp16":
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from jaxface.models.names import IMAGE_SIZE, VIT_PATCH, VITS
 
@@ -158,7 +159,8 @@ class VisionTransformer(nn.Module):
             x, ids_restore = self._random_masking(x)
         for block in self.blocks:
             if self.using_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True)
+                # Non-reentrant: works under DDP without arcface_torch's _set_static_graph().
+                x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
         x = self.norm(x.float())
