@@ -21,6 +21,7 @@ from jaxface.heads import margin_from_config  # noqa: E402
 from jaxface.mesh import batch_sharding, class_sharding, make_mesh  # noqa: E402
 from jaxface.models import get_model as jax_model  # noqa: E402
 from jaxface.models import normalize_images as jax_normalize  # noqa: E402
+from jaxface.models.mobilefacenet import MobileFaceNet  # noqa: E402
 from jaxface.models.names import MOBILEFACENETS, VITS  # noqa: E402
 from jaxface.models.vit import drop_path_rates  # noqa: E402
 from jaxface.optim import make_optimizer  # noqa: E402
@@ -268,6 +269,13 @@ def _small_vit(**kw):
     return jax_model("vit_t", embedding_size=16, depth=2, embed_dim=64, **kw)
 
 
+def _small(network: str, **kw):
+    """The family's architecture at a fraction of the cost (the tests' CPU is small)."""
+    if network.startswith("vit"):
+        return _small_vit(**{**NO_NOISE, **kw})
+    return MobileFaceNet(blocks=(2, 1, 1, 1), scale=1, embedding_size=16, **kw)
+
+
 def test_masking_and_drop_path_follow_the_key():
     model = _small_vit(mask_ratio=0.1, drop_path_rate=0.5)
     x = jax_normalize(jnp.asarray(images(4)))
@@ -312,8 +320,7 @@ def test_train_step_draws_a_new_mask_each_step(repo):
 
 @pytest.mark.parametrize("network", ["mbf", "vit_t"])
 def test_bf16_keeps_params_and_output_float32(network):
-    kw = {"depth": 2, "embed_dim": 64} if network.startswith("vit") else {}
-    model = jax_model(network, embedding_size=16, policy=Policy("bf16", jnp.bfloat16), **kw)
+    model = _small(network, policy=Policy("bf16", jnp.bfloat16))
     x = jax_normalize(jnp.asarray(images(2)), jnp.bfloat16)
     variables = jax.jit(model.init)(jax.random.key(0), x)
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
@@ -338,9 +345,7 @@ def test_torchref_checkpointed_vit_trains():
 
 @pytest.mark.parametrize("network", ["mbf", "vit_t"])
 def test_remat_changes_memory_not_numbers(network):
-    kw = {"depth": 2, "embed_dim": 64, **NO_NOISE} if network.startswith("vit") else {}
-    plain = jax_model(network, embedding_size=16, **kw)
-    remat = jax_model(network, embedding_size=16, remat=True, **kw)
+    plain, remat = _small(network), _small(network, remat=True)
     x = jax_normalize(jnp.asarray(images(2)))
     variables = jax.jit(plain.init)(jax.random.key(0), x)
 
@@ -394,15 +399,15 @@ def test_onnx_export_matches_torch(network, tmp_path):
 
     model = randomised(network, embedding_size=64).eval()
     export(model, tmp_path / "m.onnx")
-    assert (
-        check(model, tmp_path / "m.onnx", batch=2)
-        <= 1e-5 * float(model(torch.zeros(1, 3, 112, 112)).abs().max()) + 1e-5
-    )
+    with torch.no_grad():
+        scale = float(model(torch.zeros(1, 3, 112, 112)).abs().max())
+    assert check(model, tmp_path / "m.onnx", batch=2) <= 1e-5 * max(scale, 1.0)
 
 
-def test_infer_eval_and_init_from_accept_new_names(tmp_path, small_val_bin, capsys):
+def test_infer_eval_and_init_from_accept_new_names(tmp_path, capsys):
     from jaxface import eval as jax_eval
     from jaxface import infer as jax_infer
+    from jaxface.data.synthetic import SyntheticFaces, SyntheticStream, write_synthetic_bin
     from torchref import infer as torch_infer
 
     model = randomised("mbf", embedding_size=32)
@@ -416,8 +421,10 @@ def test_infer_eval_and_init_from_accept_new_names(tmp_path, small_val_bin, caps
         outs.append(np.load(out))
     assert outs[0].shape == (2, 32) and rel_err(outs[0], outs[1]) <= 1e-5
     pt = str(tmp_path / "model.pt")
-    assert jax_eval.main(["--weights", pt, "--bin", str(small_val_bin), "--batch", "8"]) == 0
-    assert "small_val" in capsys.readouterr().out
+    tiny_bin = tmp_path / "tiny_val.bin"  # 10 pairs, one per fold: mbf is slow at LLVM -O0
+    write_synthetic_bin(tiny_bin, SyntheticStream(SyntheticFaces(12, seed=1), 400, 8, 1), 10)
+    assert jax_eval.main(["--weights", pt, "--bin", str(tiny_bin), "--batch", "1"]) == 0
+    assert "tiny_val" in capsys.readouterr().out
     params, stats = convert.init_backbone_from_torch(pt, "mbf", 32)  # --config.init_from
     variables, _ = _abstract(jax_model("mbf", embedding_size=32))
     shapes = jax.tree.map(lambda a: a.shape, {"params": params, "batch_stats": stats})
