@@ -2,7 +2,7 @@
 
 This is what `remat` changes. XLA:CPU's memory analysis (jaxface.plan) cannot show it: the
 CPU compiler drops the optimisation barriers that keep rematerialised values from being
-merged with the forward's, so its peak is the same with remat on or off (a GPU's is not).
+merged with the forward's, so its peak is the same with remat on or off.
 Counting the residuals of `jax.vjp` instead is backend-independent: they are the arrays the
 backward closure holds. Counted at two batch sizes, the difference is per image, free of
 the parameters the closure also holds.
