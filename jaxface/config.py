@@ -21,7 +21,7 @@ from typing import Any
 
 from jaxface.defaults import Unset
 from jaxface.defaults import get_config as get_defaults
-from jaxface.models.names import BACKBONES
+from jaxface.models.names import NETWORKS, remat_problem
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
@@ -87,7 +87,7 @@ def _betas(v) -> str | None:
 
 
 def _backbone(v) -> str | None:
-    return None if v in BACKBONES else f"unknown backbone; choose one of {', '.join(BACKBONES)}"
+    return None if v in NETWORKS else f"unknown backbone; choose one of {', '.join(NETWORKS)}"
 
 
 def _non_empty(v) -> str | None:
@@ -305,6 +305,8 @@ def validate(
 
 def _check_consistency(values: dict[str, Any], source: str) -> None:
     """Rules that involve more than one key."""
+    if values["remat"] and (problem := remat_problem(values["network"])):
+        raise ConfigError(f"{source}: config key 'remat'=True: {problem}")
     loss = values["loss"]
     if loss in NORM_LOSSES and values["network"] in NORMALISED_BACKBONES:
         raise ConfigError(

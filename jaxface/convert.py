@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxface import families
 from jaxface.fileio import ConvertError
-from jaxface.models.names import BACKBONES
+from jaxface.models.names import BACKBONES, NETWORKS
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 FC_H = FC_W = 7
@@ -40,8 +41,10 @@ def _bn_keys(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
 
 def torch_keys(network: str, embedding_size: int = 512) -> dict[str, tuple[int, ...]]:
     """arcface_torch's state-dict keys of `network`, in module order, with their shapes."""
+    if families.has_table(network):
+        return {e.key: e.shape for e in families.table(network, embedding_size)}
     if network not in BACKBONES:
-        raise ConvertError(f"unknown backbone {network!r}; choose one of {', '.join(BACKBONES)}")
+        raise ConvertError(f"unknown backbone {network!r}; choose one of {', '.join(NETWORKS)}")
     blocks, widths = BACKBONES[network]
     keys: dict[str, tuple[int, ...]] = {"conv1.weight": (widths[0], 3, 3, 3)}
     keys |= _bn_keys("bn1", widths[0])
@@ -78,6 +81,8 @@ def _flax_path(torch_module: str) -> tuple[str, ...]:
 
 def detect_network(state_dict: Mapping[str, Any]) -> str | None:
     """The backbone whose blocks per stage and widths match the keys, or None."""
+    if found := families.detect(state_dict):
+        return found
     blocks = []
     for stage in range(1, 5):
         ids = {int(m.group(1)) for k in state_dict if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
@@ -90,7 +95,21 @@ def detect_network(state_dict: Mapping[str, Any]) -> str | None:
     return None
 
 
+def embedding_size_of_params(params: Mapping) -> int:
+    """The embedding size of jaxface backbone params, any family."""
+    size = families.flax_embedding_size(params)
+    try:
+        # The IResNet kernel, not its bias: a damaged bias is then reported as the bias.
+        return size if size is not None else int(params["fc"]["kernel"].shape[-1])
+    except (KeyError, TypeError, IndexError):
+        raise ConvertError(
+            "jaxface params hold no known backbone head (fc, features, feature_2)"
+        ) from None
+
+
 def embedding_size_of(state_dict: Mapping[str, Any]) -> int:
+    if (size := families.torch_embedding_size(state_dict)) is not None:
+        return size
     fc = state_dict.get("fc.weight")
     if fc is None:
         raise ConvertError("state dict has no 'fc.weight': not an IResNet backbone")
@@ -113,14 +132,21 @@ def check_state_dict(
 ) -> None:
     """Raise ConvertError naming missing/extra keys, a different backbone, or bad shapes."""
     if embedding_size is None:
-        embedding_size = embedding_size_of(state_dict) if "fc.weight" in state_dict else 512
+        try:
+            embedding_size = embedding_size_of(state_dict)
+        except ConvertError:
+            embedding_size = 512
     expected = torch_keys(network, embedding_size)
     missing = [k for k in expected if k not in state_dict]
     extra = [k for k in state_dict if k not in expected]
     if missing or extra:
         found = detect_network(state_dict)
+        family = NETWORKS[found] if found else families.family_hint(state_dict)
         hint = (
-            f"; it looks like a {found} state dict, not {network}"
+            f"; its keys belong to the {family} family ({found or 'size unknown'}), "
+            f"not to {NETWORKS.get(network)}"
+            if family and family != NETWORKS.get(network)
+            else f"; it looks like a {found} state dict, not {network}"
             if found and found != network
             else ""
         )
@@ -171,6 +197,8 @@ def torch_to_flax(
     """
     check_state_dict(state_dict, network, embedding_size)
     sd = {k: as_numpy(v) for k, v in state_dict.items()}
+    if families.has_table(network):
+        return families.to_flax(sd, families.table(network, embedding_size_of(sd)))
     if not np.all(sd["features.weight"] == 1):
         raise ConvertError(
             "features.weight is not all ones: arcface_torch freezes it at 1 and jaxface has "
@@ -216,6 +244,8 @@ def flax_to_torch(
     `num_batches_tracked` (int64), which jaxface does not track.
     """
     trees = {"params": to_numpy_tree(params), "batch_stats": to_numpy_tree(batch_stats)}
+    if families.has_table(network):
+        return _table_to_torch(trees, network, num_batches_tracked)
     width = BACKBONES[network][1][-1]
     try:
         # From the kernel: a damaged bias must be reported as the bias, not the kernel.
@@ -257,6 +287,26 @@ def flax_to_torch(
                 f"{list(value.shape)}, expected {list(shape)}"
             )
         out[key] = np.ascontiguousarray(value)
+    return out
+
+
+def _table_to_torch(trees: dict, network: str, num_batches_tracked: int) -> dict:
+    """flax_to_torch for the MobileFaceNet and ViT families (jaxface.families' tables)."""
+    embedding_size = families.flax_embedding_size(trees["params"])
+    if embedding_size is None:
+        raise ConvertError(f"jaxface params have no embedding layer of a {network}")
+    entries = families.table(network, embedding_size)
+    used = families.flax_leaves(entries)
+    present = set(leaf_paths(trees["params"], "params"))
+    present |= set(leaf_paths(trees["batch_stats"], "batch_stats"))
+    missing, extra = sorted(used - present), sorted(present - used)
+    if missing or extra:
+        parts = [f"missing {listing(missing)}"] if missing else []
+        parts += [f"unexpected {listing(extra)}"] if extra else []
+        raise ConvertError(f"jaxface weights are not a {network}: " + "; ".join(parts))
+    out, problems = families.to_torch(trees, entries, num_batches_tracked)
+    if problems:
+        raise ConvertError(f"shape mismatch for {network}: " + "; ".join(problems[:8]))
     return out
 
 

@@ -25,9 +25,10 @@ class Unset:
 def get_config() -> dict:
     return dict(
         # Model.
-        network="r50",  # r18 r34 r50 r100 r180 r200, or iresnet_tiny for demos/tests
+        network="r50",  # r18 ... r200, mbf, mbf_large, vit_t ... vit_h; iresnet_tiny for demos
         embedding_size=512,
         dropout=0.0,  # before the fc layer, as arcface_torch
+        remat=False,  # recompute each block in the backward pass (mbf*, vit_*): less memory
         precision="fp32",  # fp32 | bf16 | fp16 (with dynamic loss scaling): the trunk's dtype
         tf32=True,  # float32 matmuls/convolutions on TF32 tensor cores (GPUs that have them)
         sync_bn=False,  # False: BatchNorm statistics per device (arcface_torch); True: global

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from jaxface import cli
 from jaxface.fileio import atomic_write, refuse_existing
-from jaxface.models.names import BACKBONES, IMAGE_SIZE
+from jaxface.models.names import IMAGE_SIZE, NETWORKS
 from jaxface.weights import load_backbone
 
 
@@ -28,7 +28,7 @@ class InferError(ValueError):
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Face embeddings of aligned crops.")
     parser.add_argument("--weights", required=True, help="model.pt (torch) or weights .npz")
-    parser.add_argument("--network", choices=list(BACKBONES), help="detected when omitted")
+    parser.add_argument("--network", choices=list(NETWORKS), help="detected when omitted")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", help="image files (112x112 RGB crops)")
     source.add_argument("--npy", help="uint8 array [N, 112, 112, 3], RGB")

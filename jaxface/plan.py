@@ -57,6 +57,18 @@ def largest_class_count(cfg, num_devices: int, memory_bytes: int) -> tuple[int, 
     return best, {"bytes_per_class": per_class, "fixed_bytes": fixed, **checked}
 
 
+def _activations_per_image(cfg) -> float:
+    from jaxface.models import get_model
+    from jaxface.precision import policy_from_config
+    from jaxface.residuals import activation_bytes_per_image
+
+    model = get_model(
+        cfg.network, embedding_size=cfg.embedding_size, policy=policy_from_config(cfg),
+        remat=cfg.remat,
+    )  # fmt: skip
+    return activation_bytes_per_image(model)
+
+
 def _print_memory(title: str, mem: dict) -> None:
     print(title)
     for key in ("arguments", "outputs", "aliased", "temporaries", "peak"):
@@ -78,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             + f" --xla_force_host_platform_device_count={args.devices}"
             + " --xla_backend_optimization_level=0"  # buffer sizes do not depend on it
         )
-    from jaxface.config import ConfigError, load_config, parse_overrides
+    from jaxface.config import ConfigError, derive, load_config, parse_overrides
     from jaxface.mesh import MeshError
 
     try:
@@ -88,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{cfg.network}, {cfg.num_classes:,} classes, sample_rate {cfg.sample_rate}, batch "
             f"{cfg.batch_size}/device, {cfg.precision}, {args.devices} devices: per device",
             mem,
+        )
+        per_image = _activations_per_image(cfg)
+        batch = derive(cfg, args.devices).batch_per_device
+        print(
+            f"  saved activations {per_image / 2**20:.2f} MiB per image, "
+            f"{per_image * batch / GIB:.3f} GiB per device (remat={cfg.remat}; "
+            "see jaxface.residuals)"
         )
         if args.memory_gb:
             best, fit = largest_class_count(cfg, args.devices, int(args.memory_gb * 1e9))

@@ -89,6 +89,7 @@ def build(cfg: Config, mesh: Mesh, *, freeze_bn: bool = False) -> Run:
         dropout=cfg.dropout,
         policy=policy,
         bn_groups=1 if cfg.sync_bn else mesh.size,
+        remat=cfg.remat,
     )
     tx, schedule = make_optimizer(cfg, derived)
     margin = loss_from_config(cfg)

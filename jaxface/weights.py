@@ -23,6 +23,7 @@ from jaxface.convert import (
     as_numpy,
     detect_network,
     embedding_size_of,
+    embedding_size_of_params,
     flax_to_torch,
     leaf_paths,
     to_numpy_tree,
@@ -138,7 +139,7 @@ def load_backbone(
     if network is not None and stored != network:
         raise ConvertError(f"{str(path)!r} holds a {stored} backbone, not a {network}")
     flax_to_torch(params, stats, stored)  # validates keys and shapes
-    info["embedding_size"] = int(params["fc"]["kernel"].shape[-1])
+    info["embedding_size"] = embedding_size_of_params(params)
     if embedding_size is not None and info["embedding_size"] != embedding_size:
         raise ConvertError(
             f"{str(path)!r} has embedding size {info['embedding_size']}, expected {embedding_size}"
@@ -154,6 +155,9 @@ def _from_torch(path: Path, network: str | None) -> tuple[dict, dict, dict]:
     if network is not None and found is not None and found != network:
         raise ConvertError(f"{str(path)!r} holds a {found} backbone, not a {network}")
     network = network or found
-    params, stats = torch_to_flax(sd, network, embedding_size_of(sd))
+    try:
+        params, stats = torch_to_flax(sd, network, embedding_size_of(sd))
+    except ConvertError as exc:
+        raise ConvertError(f"{str(path)!r}: {exc}") from None
     tracked = [int(v) for k, v in sd.items() if k.endswith("num_batches_tracked")]
     return params, stats, {"network": network, "step": max(tracked, default=0)}

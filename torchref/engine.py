@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
-from torchref.iresnet import IResNet, get_model, normalize_images
+from torchref.iresnet import IResNet, normalize_images
 from torchref.losses import make_loss
+from torchref.models import get_model
 from torchref.optim import PolyScheduler, make_optimizer
 from torchref.partial_fc import PartialFC, world
 
@@ -90,6 +91,8 @@ def build(cfg, derived, options: Options, device: torch.device) -> Reference:
                 device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False,
                 bucket_cap_mb=16,
+                # A ViT's mask_token gets no gradient without masking (as arcface_torch).
+                find_unused_parameters=hasattr(model, "mask_token"),
             )
         if options.precision == "fp16":
             # arcface_torch always compresses gradients to fp16 for the all-reduce; torchref

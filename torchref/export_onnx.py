@@ -19,7 +19,7 @@ import torch
 
 from jaxface import cli
 from jaxface.fileio import ConvertError, refuse_existing
-from jaxface.models.names import BACKBONES
+from jaxface.models.names import NETWORKS
 from torchref.infer import load_model
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m torchref.export_onnx")
     parser.add_argument("--weights", required=True, help="model.pt (torch) or weights .npz")
-    parser.add_argument("--network", choices=list(BACKBONES))
+    parser.add_argument("--network", choices=list(NETWORKS))
     parser.add_argument("--out", required=True, help="the .onnx file to write (must not exist)")
     parser.add_argument("--check", action="store_true", help="compare with onnxruntime")
     args = parser.parse_args(argv)

@@ -12,10 +12,11 @@ from jaxface.convert import flax_to_torch
 from jaxface.infer import cli_main
 from jaxface.weights import load_backbone
 from torchref.engine import set_matmul_precision
-from torchref.iresnet import IResNet, get_model, normalize_images
+from torchref.iresnet import normalize_images
+from torchref.models import get_model
 
 
-def load_model(weights: str, network: str | None) -> IResNet:
+def load_model(weights: str, network: str | None) -> torch.nn.Module:
     """A torchref backbone in eval mode from a torch model.pt or jaxface .npz."""
     params, stats, info = load_backbone(weights, network)  # checks keys and shapes
     state_dict = flax_to_torch(params, stats, info["network"], info.get("step", 0))

@@ -29,7 +29,7 @@ from jaxface.ijb.aligner import Aligner
 from jaxface.ijb.meta import IJBInputError, IJBMeta
 from jaxface.ijb.report import save_json, save_npy
 from jaxface.mesh import batch_sharding, replicated
-from jaxface.models import BACKBONES, get_model
+from jaxface.models import NETWORKS, get_model
 from jaxface.precision import Policy
 from jaxface.progress import Meter, format_duration
 from jaxface.step import make_embed_fn
@@ -86,14 +86,11 @@ def load_weights(weights: str | Path, network: str | None) -> Backbone:
     if network and found and found != network:
         raise IJBInputError(f"--weights {weights} holds a {found}, not a {network}")
     network = network or found
-    if network not in BACKBONES:
+    if network not in NETWORKS:
         raise IJBInputError(
-            f"--network {network!r}: unknown or not given; choose one of {', '.join(BACKBONES)}"
+            f"--network {network!r}: unknown or not given; choose one of {', '.join(NETWORKS)}"
         )
-    try:
-        embedding_size = int(np.shape(params["fc"]["bias"])[0])
-    except (KeyError, TypeError, IndexError):
-        raise IJBInputError(f"--weights {weights}: no fc layer; not a {network}") from None
+    embedding_size = info["embedding_size"]
     model = get_model(network, embedding_size=embedding_size)
     dummy = jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
     expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy)
