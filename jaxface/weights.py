@@ -30,6 +30,7 @@ from jaxface.convert import (
     torch_to_flax,
 )
 from jaxface.fileio import ConvertError, atomic_write, import_torch, torch_load, torch_save
+from jaxface.models.names import NETWORKS
 
 NPZ_NAME = "backbone.npz"  # in a run folder, written by jaxface.export
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -153,7 +154,12 @@ def _from_torch(path: Path, network: str | None) -> tuple[dict, dict, dict]:
     if network is None and found is None:
         raise ConvertError(f"{str(path)!r}: cannot tell which backbone this is; pass --network")
     if network is not None and found is not None and found != network:
-        raise ConvertError(f"{str(path)!r} holds a {found} backbone, not a {network}")
+        theirs, ours = NETWORKS[found], NETWORKS.get(network)
+        family = f" of the {theirs} family ({found})" if theirs != ours else ""
+        raise ConvertError(
+            f"{str(path)!r} holds a {found} backbone{family}, not a {network}"
+            + (f" ({ours} family)" if family and ours else "")
+        )
     network = network or found
     try:
         params, stats = torch_to_flax(sd, network, embedding_size_of(sd))

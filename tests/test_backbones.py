@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.torch]
 
 from flax.traverse_util import flatten_dict  # noqa: E402
 
@@ -144,6 +145,7 @@ def test_gmacs_match_published():
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network", ["mbf", "vit_t"])
 def test_same_embeddings_eval_and_train(network):
     overrides = NO_NOISE if network.startswith("vit") else {}
@@ -212,6 +214,7 @@ STEP_CONFIGS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network", ["mbf", "vit_t"])
 def test_one_training_step_matches(repo, network, monkeypatch):
     """Masking and drop-path off (random draws cannot agree across frameworks)."""
@@ -301,6 +304,7 @@ def test_masking_and_drop_path_follow_the_key():
     assert rel_err(a, plain) > 1e-3 and evaluated.shape == (4, 16)
 
 
+@pytest.mark.slow
 def test_train_step_draws_a_new_mask_each_step(repo):
     cfg = load_config(
         repo / "configs/demo.py",
@@ -322,6 +326,7 @@ def test_train_step_draws_a_new_mask_each_step(repo):
     assert abs(later - loss[0]) > 1e-6  # the step's key moved on: other masks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network", ["mbf", "vit_t"])
 def test_bf16_keeps_params_and_output_float32(network):
     model = _small(network, policy=Policy("bf16", jnp.bfloat16))
@@ -336,6 +341,7 @@ def test_bf16_keeps_params_and_output_float32(network):
     assert y.dtype == jnp.float32 and y.shape == (2, 16) and bool(jnp.all(jnp.isfinite(y)))
 
 
+@pytest.mark.slow
 def test_torchref_checkpointed_vit_trains():
     model = torch_model("vit_b", num_features=16, depth=2, embed_dim=64)
     assert model.using_checkpoint
@@ -347,6 +353,7 @@ def test_torchref_checkpointed_vit_trains():
 # --------------------------------------------------------------------------- remat
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network", ["mbf", "vit_t"])
 def test_remat_changes_memory_not_numbers(network):
     plain, remat = _small(network), _small(network, remat=True)
@@ -396,6 +403,7 @@ def test_torch_jax_torch_is_bit_identical(network, tmp_path):
     assert info["network"] == network and convert.embedding_size_of_params(params) == 128
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network", ["mbf", "vit_t"])
 def test_onnx_export_matches_torch(network, tmp_path):
     pytest.importorskip("onnxruntime")
@@ -408,6 +416,7 @@ def test_onnx_export_matches_torch(network, tmp_path):
     assert check(model, tmp_path / "m.onnx", batch=2) <= 1e-5 * max(scale, 1.0)
 
 
+@pytest.mark.slow
 def test_infer_eval_and_init_from_accept_new_names(tmp_path, capsys):
     from jaxface import eval as jax_eval
     from jaxface import infer as jax_infer
@@ -456,7 +465,7 @@ def test_model_pt_of_another_family_is_named(tmp_path):
     assert "model.pt" in message and "mobilefacenet family (mbf)" in message
     assert "\n" not in message
     torch.save(torch_model("vit_t").state_dict(), tmp_path / "v.pt")
-    with pytest.raises(ConvertError, match=r"vit family \(vit_t\), not to iresnet"):
+    with pytest.raises(ConvertError, match=r"vit family \(vit_t\), not a r50 \(iresnet family\)"):
         load_backbone(tmp_path / "v.pt", "r50")
 
 

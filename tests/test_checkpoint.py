@@ -18,6 +18,8 @@ from jaxface.config import load_config
 from jaxface.train import train
 from jaxface.weights import load_torch_state_dict, load_weights
 
+pytestmark = [pytest.mark.slow]
+
 
 def _cfg(repo, out, **overrides):
     base = dict(

@@ -23,6 +23,8 @@ from torchref import export_onnx
 from torchref import infer as torch_infer
 from torchref import train as torch_train
 
+pytestmark = [pytest.mark.slow]
+
 TINY_RUN = ["--config.num_classes=12", "--config.num_image=4000", "--config.batch_size=4",
             "--config.embedding_size=16", "--config.rec=synthetic",
             "--config.pack_synthetic=false", "--config.val_targets=[]",

@@ -23,6 +23,8 @@ def test_training_flops_of_r50_as_reference_md():
     assert train_flops_per_image("r50", 617_970, sample_rate=0.1) < 38.2e9
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_end_to_end_with_a_failing_and_a_skipped_row(repo, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(repo)
     real = cli.worker_command
@@ -58,6 +60,8 @@ def test_end_to_end_with_a_failing_and_a_skipped_row(repo, tmp_path, monkeypatch
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_budget_skips_the_rows_it_cannot_start(repo, tmp_path, monkeypatch):
     monkeypatch.chdir(repo)
     out = tmp_path / "cmp"
@@ -95,6 +99,9 @@ def test_framework_not_installed_says_how_to_install(repo, monkeypatch, capsys):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.torch
+@pytest.mark.multiprocess
 def test_two_devices_fed_by_the_real_loader(repo, tmp_path, monkeypatch):
     """A 2-device jax mesh and 2 torchrun (gloo) processes, both reading the RecordIO the
     jax row packs (the demo config's pack_synthetic)."""
@@ -111,6 +118,8 @@ def test_two_devices_fed_by_the_real_loader(repo, tmp_path, monkeypatch):
     assert "| 4 | no | no |" in (out / "table.md").read_text()  # global batch 2 x 2
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_profile_writes_hlo_trace_and_numbers(repo, tmp_path, monkeypatch, capsys):
     from compare import profile
 

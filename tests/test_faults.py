@@ -244,6 +244,7 @@ class _Dies:
         return self.data[i]
 
 
+@pytest.mark.slow
 def test_a_killed_decode_worker_is_replaced_and_the_batches_are_the_same(tmp_path):
     inline = HostLoader(SyntheticDataset(4, 64, seed=1), 16, seed=5)
     index = int(inline.indices(1)[3])

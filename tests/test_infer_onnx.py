@@ -9,6 +9,8 @@ from jaxface import infer as jax_infer  # noqa: E402
 from torchref import get_model  # noqa: E402
 from torchref import infer as torch_infer  # noqa: E402
 
+pytestmark = [pytest.mark.torch]
+
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
@@ -81,6 +83,7 @@ def test_infer_bad_inputs(weights, tmp_path, capsys):
         assert "holds a iresnet_tiny backbone, not a r18" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_torch(weights, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")

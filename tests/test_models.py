@@ -147,6 +147,7 @@ def test_fc_kernel_maps_torch_nchw_flatten():
     np.testing.assert_array_equal(fc_to_torch(kernel, c, h, w), torch_weight)
 
 
+@pytest.mark.slow
 def test_every_parameter_gets_a_gradient():
     model = get_model("iresnet_tiny", embedding_size=16)
     x = jax.random.normal(jax.random.key(1), (4, 112, 112, 3))

@@ -11,6 +11,8 @@ import pytest
 
 from jaxface.config import load_config
 
+pytestmark = [pytest.mark.multiprocess]
+
 STEPS = 3
 
 

@@ -1,7 +1,11 @@
 """The memory planner: XLA's per-device memory analysis of the compiled step, no allocation."""
 
+import pytest
+
 from jaxface.config import load_config
 from jaxface.plan import largest_class_count, main, step_memory
+
+pytestmark = [pytest.mark.slow]  # each test compiles the whole step, some several times
 
 
 def _cfg(repo, **overrides):

@@ -116,6 +116,7 @@ def _batch(n, seed=0):
     return faces.batch(rng.integers(0, 12, n), np.arange(n))
 
 
+@pytest.mark.slow
 def test_fp16_overflow_skips_the_update_and_halves_the_scale(repo):
     cfg, mesh, model, tx, schedule, state = _setup(repo, "fp16")
     step = jax.jit(make_train_step(model, tx, schedule, Margin(), 12, mesh))
@@ -153,6 +154,7 @@ def _labels(seed):
     return np.random.default_rng(seed).integers(0, 200, 16).astype(np.int32)
 
 
+@pytest.mark.slow
 def test_sampled_sgd_equals_the_dense_update(repo):
     """The row update (no dense gradient) gives torch SGD's dense result: decay and momentum
     on every row, the sampled rows' gradients on theirs."""
@@ -206,6 +208,7 @@ def test_sampled_sgd_row_update_and_its_overflow_gate():
     assert int(same_state["count"]) == 2
 
 
+@pytest.mark.slow
 def test_bf16_and_fp16_track_fp32(repo):
     """Three steps from the same initial weights: losses within 2% of fp32's.
 
@@ -226,6 +229,7 @@ def test_bf16_and_fp16_track_fp32(repo):
         np.testing.assert_allclose(losses[precision], losses["fp32"], rtol=0.02)
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_equal_one_large_batch(repo):
     """BatchNorm frozen (running statistics), so that batch composition cannot matter."""
     cfg, mesh, model, tx, schedule, state = _setup(repo, devices=8, batch_size=2)

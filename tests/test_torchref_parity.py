@@ -26,6 +26,8 @@ from torchref import get_model as torch_model  # noqa: E402
 from torchref.iresnet import normalize_images as torch_normalize  # noqa: E402
 from torchref.parity import reference_step  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.torch]
+
 
 @pytest.fixture(autouse=True)
 def _highest_precision():

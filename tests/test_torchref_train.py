@@ -11,7 +11,10 @@ from jaxface import head_shards, weights  # noqa: E402
 from torchref import train  # noqa: E402
 from torchref.optim import lr_at  # noqa: E402
 
+pytestmark = [pytest.mark.torch]
 
+
+@pytest.mark.slow
 def test_short_run_writes_arcface_torch_files(repo, tmp_path, capsys):
     argv = ["--config", str(repo / "configs/demo.py"), "--config.num_classes=12",
             "--config.batch_size=8", "--config.max_steps=4", "--config.frequent=2",

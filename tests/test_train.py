@@ -23,6 +23,7 @@ def _cfg(repo, tmp_path, **overrides):
     return load_config(repo / "configs/demo.py", {k: str(v) for k, v in base.items()})
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_writes_logs(repo, tmp_path, capsys, small_val_bin):
     cfg = _cfg(repo, tmp_path, max_steps=20, val_targets=str(small_val_bin), verbose=10)
     summary = train(cfg)
@@ -55,6 +56,7 @@ def test_short_run_learns_and_writes_logs(repo, tmp_path, capsys, small_val_bin)
     assert "step 20/20" in out and "samples/s" in out and "ETA" in out
 
 
+@pytest.mark.slow
 def test_eight_devices_with_sync_bn_equal_one_device(repo, tmp_path):
     """Sharded training (class-sharded head, data-parallel backbone) equals one device."""
     states = {}
@@ -79,6 +81,7 @@ def test_eight_devices_with_sync_bn_equal_one_device(repo, tmp_path):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run(repo, tmp_path, monkeypatch, capsys):
     # A learning rate that overflows float32 weights within a step or two: the loss turns
     # non-finite for real, and the run stops at the next log window naming step and lr.
