@@ -68,16 +68,25 @@ def _grouped(x: jnp.ndarray, groups: int) -> jnp.ndarray:
     return x.reshape(groups, -1, x.shape[-1]).astype(jnp.float32)
 
 
+def _sums(a, b):
+    """Per group and channel sums of a and b [groups, n, C] over n, as one reduction of
+    the pair stacked (XLA:GPU splits a long column reduction in two kernels; two sibling
+    reductions share the first but not the second, and a stacked one shares both)."""
+    both = jnp.stack([a, b], axis=2).sum(axis=1)  # [groups, 2, C]
+    return both[:, 0], both[:, 1]
+
+
 def _statistics(x, shift, groups):
     """Per group and channel mean and biased variance, in one pass over x.
 
-    Sum and sum of squares of x - shift are two sibling reductions of the same input, which
-    XLA fuses into one kernel (the two-pass form, mean and then the mean of squared
-    deviations, reads x twice in two dependent kernels). Shifting by the running mean keeps
+    The sum and the sum of squares of x - shift come from one reduction of the same
+    input (the two-pass form, the mean and then the mean of squared deviations, reads x
+    twice in two dependent reductions). Shifting by the running mean keeps
     E[d^2] - E[d]^2 free of cancellation once the running mean is near the batch's."""
     d = _grouped(x, groups) - shift
-    s1 = d.mean(axis=1)
-    s2 = jnp.square(d).mean(axis=1)
+    n = d.shape[1]
+    s1, s2 = _sums(d, jnp.square(d))
+    s1, s2 = s1 / n, s2 / n
     return shift + s1, jnp.maximum(s2 - jnp.square(s1), 0.0)
 
 
@@ -105,8 +114,7 @@ def _bn_bwd(groups, epsilon, dtype, res, cotangents):
     dy = _grouped(cotangents[0], groups)
     xhat = (_grouped(x, groups) - mean[:, None]) * inv[:, None]
     n = dy.shape[1]
-    sum_dy = dy.sum(axis=1)  # [groups, C]
-    sum_dy_xhat = (dy * xhat).sum(axis=1)
+    sum_dy, sum_dy_xhat = _sums(dy, dy * xhat)  # [groups, C] each
     dx = (scale * inv)[:, None] * (dy - (sum_dy / n)[:, None] - xhat * (sum_dy_xhat / n)[:, None])
     return (
         dx.reshape(x.shape).astype(x.dtype),
