@@ -15,7 +15,8 @@ from jaxface.heads import Margin, gather_rows, init_class_centres, partial_fc_lo
 from jaxface.heads.sampled_sgd import SampledSGD
 from jaxface.mesh import DATA_AXIS
 from jaxface.models import IMAGE_SIZE, IResNet, normalize_images
-from jaxface.precision import LossScale, all_finite
+from jaxface.optim import all_finite, global_norm
+from jaxface.precision import LossScale
 
 
 @flax.struct.dataclass
@@ -201,20 +202,23 @@ def make_train_step(
 
     def train_step(state: TrainState, images, labels):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        scale = state.loss_scale.scale
+        # Without loss scaling the scale is the constant 1 (not the state's value), so
+        # neither the loss nor the gradients pass through a multiply or divide by it.
+        scale = state.loss_scale.scale if policy.loss_scaling else jnp.float32(1.0)
         if grad_accum == 1:
             loss, stats, grads, class_ids = micro_batch(
                 state.params, state.batch_stats, images, labels, key, scale
             )
         else:
             loss, stats, grads, class_ids = accumulated(state, images, labels, key, scale)
-        grads = jax.tree.map(lambda g: g / scale, grads)
+        if policy.loss_scaling:
+            grads = jax.tree.map(lambda g: g / scale, grads)
         finite = all_finite(grads)
         params, opt_state = apply_updates(state, grads, class_ids, finite)
         metrics = {
             "loss": loss,
             "lr": schedule(state.step),
-            "backbone_grad_norm": optax.tree.norm(grads["backbone"]),
+            "backbone_grad_norm": global_norm(grads["backbone"]),
             "loss_scale": scale,
             "grads_finite": finite,
         }
