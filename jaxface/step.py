@@ -11,6 +11,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxface.config import class_rows_per_device
 from jaxface.heads import Margin, gather_rows, init_class_centres, partial_fc_loss, sample_class_ids
 from jaxface.heads.sampled_sgd import SampledSGD
 from jaxface.mesh import DATA_AXIS
@@ -101,7 +102,8 @@ def make_train_step(
     rows_only = isinstance(tx, SampledSGD)
     if rows_only and (num_sample is None or grad_accum != 1):
         raise ValueError("SampledSGD needs num_sample (sample_rate < 1) and grad_accum 1")
-    num_local = -(-num_classes // mesh.shape[DATA_AXIS])  # each device's block of centres
+    # Each device's block of centres (as jaxface.config.derive sizes it).
+    num_local = class_rows_per_device(num_classes, mesh.shape[DATA_AXIS], num_sample is None)
 
     def loss_fn(params, batch_stats, images, labels, class_ids, dropout_key, scale):
         x = normalize_images(images, policy.compute_dtype)
