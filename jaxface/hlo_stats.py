@@ -73,7 +73,7 @@ KIND_TITLES = {
     "loop_fusion": "loop fusions",
     "other_fusion": "other fusions",
     "copy": "copies",
-    "transpose": "transposes",
+    "transpose": "transposes (and transpose fusions)",
     "collective": "collectives",
     "other": "other",
 }
@@ -405,7 +405,9 @@ def _kernel(
         if _contains(comps, called, "dot") or "gemm" in config:
             return "gemm", flops, dtype
         if kind_attr == "kInput":
-            return "reduction_fusion", flops, dtype
+            if _contains(comps, called, "reduce") or not _contains(comps, called, "transpose"):
+                return "reduction_fusion", flops, dtype
+            return "transpose", flops, dtype  # a tiled transpose, maybe with outputs
         if kind_attr == "kLoop":
             return "loop_fusion", flops, dtype
         return "other_fusion", flops, dtype
