@@ -11,7 +11,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxface.config import class_rows_per_device
 from jaxface.heads import Margin, gather_rows, init_class_centres, partial_fc_loss, sample_class_ids
 from jaxface.heads.sampled_sgd import SampledSGD
 from jaxface.mesh import DATA_AXIS
@@ -102,10 +101,9 @@ def make_train_step(
     rows_only = isinstance(tx, SampledSGD)
     if rows_only and (num_sample is None or grad_accum != 1):
         raise ValueError("SampledSGD needs num_sample (sample_rate < 1) and grad_accum 1")
-    # Each device's block of centres (as jaxface.config.derive sizes it).
-    num_local = class_rows_per_device(num_classes, mesh.shape[DATA_AXIS], num_sample is None)
+    num_devices = mesh.shape[DATA_AXIS]
 
-    def loss_fn(params, batch_stats, images, labels, class_ids, dropout_key, scale):
+    def loss_fn(params, batch_stats, images, labels, class_ids, dropout_key, scale, num_local):
         x = normalize_images(images, policy.compute_dtype)
         variables = {"params": params["backbone"], "batch_stats": batch_stats}
         if freeze_bn:
@@ -136,6 +134,9 @@ def make_train_step(
     def micro_batch(params, batch_stats, images, labels, key, scale):
         """(loss, BatchNorm statistics, scaled gradients, sampled class ids) of one batch."""
         dropout_key, sample_key = jax.random.split(key)
+        # Each device's block of centres, from the matrix itself (jaxface.config.derive
+        # sizes it: ceil(C / D), aligned when the head is dense).
+        num_local = params["head"]["centres"].shape[0] // num_devices
         class_ids = sample_class_ids(
             labels,
             sample_key,
@@ -148,7 +149,7 @@ def make_train_step(
             rows = gather_rows(params["head"]["centres"], class_ids, mesh=mesh)
             params = {**params, "head": {"centres": rows}}
         (_, (loss, stats)), grads = grad_fn(
-            params, batch_stats, images, labels, class_ids, dropout_key, scale
+            params, batch_stats, images, labels, class_ids, dropout_key, scale, num_local
         )
         return loss, stats, grads, class_ids
 
