@@ -125,10 +125,10 @@ def _main(argv: list[str]) -> int:
 
     cfg = load_config(args.config, parse_overrides(rest))
     mem = step_memory(cfg, args.devices, target)
-    where = f"{target.device_name} (compile-only)" if target is not None else "CPU stand-in"
+    where = f" ({target.device_name}, compile-only)" if target is not None else ""
     _print_memory(
         f"{cfg.network}, {cfg.num_classes:,} classes, sample_rate {cfg.sample_rate}, batch "
-        f"{cfg.batch_size}/device, {cfg.precision}, {args.devices} x {where}: per device",
+        f"{cfg.batch_size}/device, {cfg.precision}, {args.devices} devices{where}: per device",
         mem,
     )
     memory_bytes = int(args.memory_gb * 1e9) if args.memory_gb else None
