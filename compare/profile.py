@@ -1,5 +1,5 @@
 """python -m compare.profile --config configs/r50.py [--precision bf16] [--batch 128]
-       [--steps 20] [--devices 1] [--out DIR] [--config.KEY=VALUE ...]
+       [--steps 20] [--devices 1] [--out DIR] [--target h200] [--config.KEY=VALUE ...]
 
 What to read before tuning jaxface's step on a GPU, from one run: XLA's cost analysis of
 the compiled step (FLOPs and bytes accessed per step, so arithmetic intensity) next to the
@@ -7,6 +7,12 @@ model's own FLOP count, XLA's memory analysis, the optimised HLO (DIR/step.hlo.t
 fusions, layouts, copies, with counts printed), the step time and MFU, and a jax.profiler
 trace of a few steps (DIR/trace, for TensorBoard's profile plugin or Perfetto).
 DIR/profile.json holds the numbers.
+
+--target GPU (h200, or a GpuTargetConfigProto .txtpb file) compiles the same step for that
+GPU on a machine without one (`pip install -e '.[gpu-compile]'`) and reads the compiled
+program instead of running it: kernels per step by kind, HBM traffic, a roofline estimate
+and the predicted samples/s, the memory analysis, DIR/step.hlo.txt and DIR/profile.json.
+A compile-time estimate: nothing is run or timed (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -20,7 +26,11 @@ from pathlib import Path
 
 from compare.capability import peak_tflops
 from compare.flops import train_flops_per_image
-from compare.variants import PRECISIONS
+from compare.variants import COLUMNS, PRECISIONS
+from jaxface import cli
+from jaxface.gpu_target import TargetError
+
+GOAL_SAMPLES_PER_S = 8000  # r50, bf16, batch 128 on one H200: the project's goal
 
 
 def _cost(compiled) -> dict:
@@ -37,6 +47,83 @@ def hlo_counts(text: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run("python -m compare.profile", _main, argv, ((TargetError, 2),))
+
+
+def _memory(memory) -> dict:
+    out = {
+        "arguments": int(memory.argument_size_in_bytes),
+        "outputs": int(memory.output_size_in_bytes),
+        "aliased": int(memory.alias_size_in_bytes),
+        "temporaries": int(memory.temp_size_in_bytes),
+    }
+    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    return out
+
+
+def profile_target(args, cfg) -> int:
+    """Compile the step for a GPU this machine does not have and read the program."""
+    from jaxface import gpu_target, hlo_stats
+    from jaxface.setup import build
+
+    target = gpu_target.load_target(args.target)
+    mesh = gpu_target.mesh(target, args.devices)  # checks the plugin and the spec first
+    compute, tf32, _, _ = COLUMNS[args.precision]
+    cfg = cfg.replace(precision=compute, tf32=tf32, batch_size=args.batch)
+    run = build(cfg, mesh)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    compiled = run.lower().compile()
+    compile_s = time.perf_counter() - t
+    hlo = compiled.as_text()
+    (out / "step.hlo.txt").write_text(hlo)
+    peaks = target.peaks
+    stats = hlo_stats.analyse(hlo, peaks)
+    numbers = hlo_stats.summary(stats, peaks, run.derived.global_batch, args.launch_us)
+    memory = _memory(compiled.memory_analysis())
+    model_flops = run.derived.global_batch * train_flops_per_image(
+        cfg.network, cfg.num_classes, cfg.embedding_size, cfg.sample_rate
+    )
+    summary = {
+        "target": target.name,
+        "device": f"{args.devices} x {target.device_name} (compile-only)",
+        "estimate": "compile-time: no autotuning, nothing run or timed",
+        "config": args.config,
+        "network": cfg.network,
+        "num_classes": cfg.num_classes,
+        "precision": args.precision,
+        "global_batch": run.derived.global_batch,
+        "compile_s": compile_s,
+        "model_flops_per_step": model_flops,
+        **numbers,
+        "memory": memory,
+        "largest_kernels": [
+            {"name": k.name, "kind": k.kind, "bytes": k.bytes, "times": k.times}
+            for k in stats.largest(10)
+        ],
+    }
+    (out / "profile.json").write_text(json.dumps(summary, indent=1))
+    goal = GOAL_SAMPLES_PER_S * args.devices if args.devices else None
+    gib = 1024**3
+    print(
+        f"{cfg.network} {args.precision}, global batch {run.derived.global_batch}, "
+        f"{cfg.num_classes:,} classes, compiled for {summary['device']} in {compile_s:.0f} s\n"
+        "COMPILE-TIME ESTIMATE: XLA's untuned program read, not run; nothing was timed.",
+    )
+    for line in hlo_stats.format_summary(numbers, goal):
+        print(line)
+    print(
+        f"model {model_flops / 1e12:.2f} TFLOP/step\n"
+        f"memory per device: arguments {memory['arguments'] / gib:.2f} GiB, temporaries "
+        f"{memory['temporaries'] / gib:.2f} GiB, peak {memory['peak'] / gib:.2f} GiB of "
+        f"{(target.memory_bytes or 0) / gib:.0f} GiB\n"
+        f"wrote {out / 'step.hlo.txt'}, {out / 'profile.json'}"
+    )
+    return 0
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m compare.profile", description=__doc__)
     parser.add_argument("--config", required=True)
     parser.add_argument("--precision", default="bf16", choices=PRECISIONS)
@@ -45,14 +132,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace-steps", type=int, default=5)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--out", default="work_dirs/profile")
+    parser.add_argument(
+        "--target",
+        default=None,
+        help="compile for this GPU instead of running (h200, or a spec .txtpb file)",
+    )
+    parser.add_argument(
+        "--launch-us",
+        type=float,
+        default=0.0,
+        help="with --target: add this many microseconds per kernel to the estimate",
+    )
     args, rest = parser.parse_known_args(argv)
-    from jaxface.config import ConfigError, load_config, parse_overrides
+    from jaxface.config import load_config, parse_overrides
 
-    try:
-        cfg = load_config(args.config, parse_overrides(rest))
-    except ConfigError as exc:
-        print(f"python -m compare.profile: error: {exc}", file=sys.stderr)
-        return 2
+    if args.target:
+        from jaxface import gpu_target
+
+        gpu_target.load_target(args.target)  # an unknown name fails before the config loads
+    cfg = load_config(args.config, parse_overrides(rest))
+    if args.target:
+        return profile_target(args, cfg)
     import jax
 
     from compare.run_jax import build, device_info

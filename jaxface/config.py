@@ -431,9 +431,29 @@ class Derived:
     schedule_steps: int  # the LR schedule's length: num_epoch epochs
     run_steps: int  # steps this run takes: the schedule, cut short by max_steps
     warmup_steps: int
-    num_classes_padded: int  # a multiple of num_devices: the class-sharded head's rows
+    num_classes_padded: int  # num_devices x rows per device: the class-sharded head's rows
     num_local_classes: int
     num_sample: int | None  # centres each device scores per step when sample_rate < 1
+
+
+# Rows of the centre matrix per device are a multiple of this when every row is scored.
+DENSE_ROW_ALIGN = 512
+
+
+def class_rows_per_device(num_classes: int, num_devices: int, dense: bool = True) -> int:
+    """Rows of the centre matrix each device holds: ceil(C / D), and with a dense head
+    (sample_rate 1) rounded up to a multiple of DENSE_ROW_ALIGN.
+
+    The embeddings' gradient contracts the logits' gradient with the centres over the
+    classes; XLA:GPU splits that contraction into chunks (split-K), and when the rows do not
+    divide it pads a copy of the whole centre matrix (and of the logits' gradient) every
+    step: 1.27 GB written and read again at 617,970 classes. Aligned rows cost nothing
+    (a few hundred zero rows, masked out of the softmax like the rest of the padding).
+    With sampling the contraction runs over the sampled rows, so nothing is rounded."""
+    rows = -(-num_classes // num_devices)
+    if dense:
+        rows = -(-rows // DENSE_ROW_ALIGN) * DENSE_ROW_ALIGN
+    return rows
 
 
 def derive(cfg: Config, num_devices: int) -> Derived:
@@ -465,7 +485,7 @@ def derive(cfg: Config, num_devices: int) -> Derived:
             f"warm-up (num_epoch={cfg.num_epoch})"
         )
     run_steps = schedule_steps if cfg.max_steps is None else min(schedule_steps, cfg.max_steps)
-    num_local = -(-cfg.num_classes // num_devices)
+    num_local = class_rows_per_device(cfg.num_classes, num_devices, dense=cfg.sample_rate >= 1)
     num_sample = None
     if cfg.sample_rate < 1:
         num_sample = int(cfg.sample_rate * num_local)

@@ -10,11 +10,19 @@ With class sampling and SGD (and no gradient accumulation) the centres are updat
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from jaxface.config import Config, Derived
 from jaxface.heads.sampled_sgd import SampledSGD
+
+# Leaves of at least this many elements (the class centres, 316 M at 617,970 classes) are
+# reduced on their own: XLA fuses their finite check into their update, while a copy into
+# the concatenation would cost a pass over them. Every backbone leaf (r50's largest, the fc
+# kernel, has 12.8 M) goes into the one concatenated vector: one written copy of the
+# gradients (174 MB for r50) instead of two or three reduction kernels per leaf.
+LARGE_LEAF = 1 << 26
 
 
 def lr_schedule(base_lr: float, warmup_steps: int, total_steps: int, power: float = 1.0):
@@ -30,6 +38,45 @@ def lr_schedule(base_lr: float, warmup_steps: int, total_steps: int, power: floa
     return schedule
 
 
+def flat_views(tree, large: int = LARGE_LEAF) -> list[jnp.ndarray]:
+    """The leaves of `tree` as few float32 vectors: every leaf under `large` elements raveled
+    into one, each larger leaf on its own.
+
+    Reduced (a norm, a finite check), the concatenated leaves cost a few kernels in all
+    instead of two or three each: hundreds of small launches fewer on a GPU."""
+    leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
+    small = [x for x in leaves if x.size < large]
+    views = [x for x in leaves if x.size >= large]
+    return ([jnp.concatenate(small)] if small else []) + views
+
+
+def global_norm(tree) -> jnp.ndarray:
+    """The L2 norm of all leaves together (optax.tree.norm), summed over flat views."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in flat_views(tree)))
+
+
+def all_finite(tree) -> jnp.ndarray:
+    """True if no leaf holds an inf or NaN: one check per flat view, not one per leaf."""
+    checks = [jnp.all(jnp.isfinite(v)) for v in flat_views(tree)]
+    return jnp.stack(checks).all() if checks else jnp.asarray(True)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm with the norm summed over one flat view of the updates."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        trigger = norm < max_norm
+
+        def clip(t):
+            return jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def _backbone_only(transform: optax.GradientTransformation) -> optax.GradientTransformation:
     # Params are {"backbone": ..., "head": ...}: a label per top-level subtree.
     return optax.partition(
@@ -42,7 +89,7 @@ def make_optimizer(cfg: Config, derived: Derived):
     """Returns (optax transformation, schedule)."""
     schedule = lr_schedule(cfg.lr, derived.warmup_steps, derived.schedule_steps, cfg.lr_power)
     clip = (
-        _backbone_only(optax.clip_by_global_norm(cfg.grad_clip_norm))
+        _backbone_only(clip_by_global_norm(cfg.grad_clip_norm))
         if cfg.grad_clip_norm > 0
         else optax.identity()
     )
@@ -50,9 +97,7 @@ def make_optimizer(cfg: Config, derived: Derived):
         # Sampling: the centres get the row update of SampledSGD (same maths, no dense
         # gradient); the backbone the chain below without the partition.
         backbone = optax.chain(
-            optax.clip_by_global_norm(cfg.grad_clip_norm)
-            if cfg.grad_clip_norm > 0
-            else optax.identity(),
+            clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm > 0 else optax.identity(),
             optax.add_decayed_weights(cfg.weight_decay),
             optax.sgd(schedule, momentum=cfg.momentum or None),
         )

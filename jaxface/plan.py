@@ -1,12 +1,19 @@
 """python -m jaxface.plan --config configs/r50.py [--config.KEY=VALUE ...] --devices D
-       [--memory-gb G]
+       [--memory-gb G] [--target h200]
 
 Compiles the training step for a D-device mesh without allocating anything (the state and
 batch are abstract) and prints XLA's per-device memory analysis; with --memory-gb, also the
-largest class count whose step fits that much device memory. Runs on CPU: D virtual
-devices stand in for the accelerators. XLA:CPU's buffer assignment is an estimate of a
-GPU's (fusion and convolution workspaces differ), good for planning class counts, whose
-cost (centres, momentum, gradients, logits) is the same on any backend.
+largest class count whose step fits that much device memory.
+
+--target GPU (h200, or a GpuTargetConfigProto .txtpb file) compiles for D compile-only
+devices of that GPU, so the numbers are the GPU compiler's own buffer assignment (cuDNN
+workspaces, GPU fusions); --memory-gb defaults to the GPU's memory. It needs
+`pip install -e '.[gpu-compile]'`; without the plugin the plan falls back to the CPU
+stand-in below and says so.
+Without --target, D virtual CPU devices stand in for the accelerators: XLA:CPU's buffer
+assignment is an estimate of a GPU's (fusion and convolution workspaces differ), good for
+planning class counts, whose cost (centres, momentum, gradients, logits) is the same on any
+backend.
 """
 
 from __future__ import annotations
@@ -18,14 +25,21 @@ import sys
 GIB = 1024**3
 
 
-def step_memory(cfg, num_devices: int) -> dict[str, int]:
-    """Per-device bytes of the compiled train step for `cfg` on `num_devices` devices."""
+def step_memory(cfg, num_devices: int, target=None) -> dict[str, int]:
+    """Per-device bytes of the compiled train step for `cfg` on `num_devices` devices: CPU
+    devices, or compile-only devices of `target` (a jaxface.gpu_target.Target)."""
     # jax is imported here, not at the top: main() must set XLA_FLAGS (the virtual device
     # count) before jax first loads.
     from jaxface.mesh import make_mesh
     from jaxface.setup import build
 
-    run = build(cfg, make_mesh(num_devices))
+    if target is not None:
+        from jaxface import gpu_target
+
+        mesh = gpu_target.mesh(target, num_devices)
+    else:
+        mesh = make_mesh(num_devices)
+    run = build(cfg, mesh)
     stats = run.lower().compile().memory_analysis()
     out = {
         "arguments": int(stats.argument_size_in_bytes),
@@ -41,19 +55,23 @@ def step_memory(cfg, num_devices: int) -> dict[str, int]:
     return out
 
 
-def largest_class_count(cfg, num_devices: int, memory_bytes: int) -> tuple[int, dict]:
+def largest_class_count(cfg, num_devices: int, memory_bytes: int, target=None) -> tuple[int, dict]:
     """Memory is affine in the class count: fit it from two compiles, check the answer."""
+
+    def memory(classes):
+        return step_memory(cfg.replace(num_classes=classes), num_devices, target)
+
     c0 = max(cfg.num_classes, 1000 * num_devices)
     c1 = 2 * c0
-    m0 = step_memory(cfg.replace(num_classes=c0), num_devices)["peak"]
-    m1 = step_memory(cfg.replace(num_classes=c1), num_devices)["peak"]
+    m0 = memory(c0)["peak"]
+    m1 = memory(c1)["peak"]
     per_class = (m1 - m0) / (c1 - c0)
     fixed = m0 - per_class * c0
     best = int((memory_bytes - fixed) / per_class) // num_devices * num_devices
-    checked = step_memory(cfg.replace(num_classes=max(best, 1)), num_devices)
+    checked = memory(max(best, 1))
     while checked["peak"] > memory_bytes and best > num_devices:  # the fit is an estimate
         best = int(best * 0.98) // num_devices * num_devices
-        checked = step_memory(cfg.replace(num_classes=best), num_devices)
+        checked = memory(best)
     return best, {"bytes_per_class": per_class, "fixed_bytes": fixed, **checked}
 
 
@@ -76,49 +94,74 @@ def _print_memory(title: str, mem: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxface import cli
+    from jaxface.gpu_target import TargetError
+    from jaxface.mesh import MeshError
+
+    return cli.run("jaxface.plan", _main, argv, ((MeshError, 2), (TargetError, 2)))
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxface.plan", description=__doc__)
     parser.add_argument("--config", required=True)
     parser.add_argument("--devices", type=int, required=True, help="mesh size to plan for")
     parser.add_argument(
         "--memory-gb", type=float, default=None, help="find the largest class count for this"
     )
+    parser.add_argument(
+        "--target", default=None, help="plan for this GPU (h200, or a spec .txtpb file)"
+    )
     args, rest = parser.parse_known_args(argv)
-    if "jax" not in sys.modules:  # virtual CPU devices, before jax starts
+    from jaxface import gpu_target
+
+    target = gpu_target.load_target(args.target) if args.target else None
+    if target is not None and not gpu_target.plugin_installed():
+        print(
+            f"jaxface.plan: the CUDA plugin is not installed (pip install -e "
+            f"'.[{gpu_target.EXTRA}]'): planning with the CPU stand-in instead of "
+            f"{target.device_name}'s own buffer assignment",
+            file=sys.stderr,
+        )
+        memory_default = target.memory_bytes
+        target = None
+    else:
+        memory_default = target.memory_bytes if target is not None else None
+    if "jax" not in sys.modules and target is None:  # virtual CPU devices, before jax starts
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "")
             + f" --xla_force_host_platform_device_count={args.devices}"
             + " --xla_backend_optimization_level=0"  # buffer sizes do not depend on it
         )
-    from jaxface.config import ConfigError, derive, load_config, parse_overrides
-    from jaxface.mesh import MeshError
+    # Not at the top: XLA_FLAGS above must be set before anything loads jax.
+    from jaxface.config import derive, load_config, parse_overrides
 
-    try:
-        cfg = load_config(args.config, parse_overrides(rest))
-        mem = step_memory(cfg, args.devices)
-        _print_memory(
-            f"{cfg.network}, {cfg.num_classes:,} classes, sample_rate {cfg.sample_rate}, batch "
-            f"{cfg.batch_size}/device, {cfg.precision}, {args.devices} devices: per device",
-            mem,
-        )
-        per_image = _activations_per_image(cfg)
-        batch = derive(cfg, args.devices).batch_per_device
+    cfg = load_config(args.config, parse_overrides(rest))
+    mem = step_memory(cfg, args.devices, target)
+    where = f" ({target.device_name}, compile-only)" if target is not None else ""
+    _print_memory(
+        f"{cfg.network}, {cfg.num_classes:,} classes, sample_rate {cfg.sample_rate}, batch "
+        f"{cfg.batch_size}/device, {cfg.precision}, {args.devices} devices{where}: per device",
+        mem,
+    )
+    memory_bytes = int(args.memory_gb * 1e9) if args.memory_gb else None
+    if memory_bytes is None and args.target and memory_default:
+        memory_bytes = memory_default
+    if memory_bytes:
+        best, fit = largest_class_count(cfg, args.devices, memory_bytes, target)
         print(
-            f"  saved activations {per_image / 2**20:.2f} MiB per image, "
-            f"{per_image * batch / GIB:.3f} GiB per device (remat={cfg.remat}; "
-            "see jaxface.residuals)"
+            f"largest class count within {memory_bytes / 1e9:g} GB per device: {best:,} "
+            f"({fit['bytes_per_class'] * args.devices:,.0f} bytes per class over the mesh, "
+            f"{fit['fixed_bytes'] / GIB:.2f} GiB fixed; checked: peak "
+            f"{fit['peak'] / GIB:.2f} GiB)"
         )
-        if args.memory_gb:
-            best, fit = largest_class_count(cfg, args.devices, int(args.memory_gb * 1e9))
-            print(
-                f"largest class count within {args.memory_gb:g} GB per device: {best:,} "
-                f"({fit['bytes_per_class'] * args.devices:,.0f} bytes per class over the mesh, "
-                f"{fit['fixed_bytes'] / GIB:.2f} GiB fixed; checked: peak "
-                f"{fit['peak'] / GIB:.2f} GiB)"
-            )
-    except (ConfigError, MeshError) as exc:
-        print(f"jaxface.plan: error: {exc}", file=sys.stderr)
-        return 2
+    per_image = _activations_per_image(cfg)
+    batch = derive(cfg, args.devices).batch_per_device
+    print(
+        f"  saved activations {per_image / 2**20:.2f} MiB per image, "
+        f"{per_image * batch / GIB:.3f} GiB per device (remat={cfg.remat}; "
+        "see jaxface.residuals)"
+    )
     return 0
 
 

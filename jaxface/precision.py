@@ -77,8 +77,3 @@ class LossScale:
         )
         good = jnp.where(grads_finite & ~grown, self.good_steps + 1, 0)
         return LossScale(scale.astype(jnp.float32), good.astype(jnp.int32))
-
-
-def all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.stack(leaves).all() if leaves else jnp.asarray(True)

@@ -22,7 +22,8 @@ from jaxface.heads import (
 from jaxface.heads.sampled_sgd import SampledSGD
 from jaxface.mesh import DATA_AXIS, class_sharding, replicated
 from jaxface.models import IMAGE_SIZE, IResNet, normalize_images
-from jaxface.precision import LossScale, all_finite
+from jaxface.optim import all_finite, global_norm
+from jaxface.precision import LossScale
 
 
 @flax.struct.dataclass
@@ -113,10 +114,10 @@ def make_train_step(
     rows_only = isinstance(tx, SampledSGD)
     if rows_only and (num_sample is None or grad_accum != 1):
         raise ValueError("SampledSGD needs num_sample (sample_rate < 1) and grad_accum 1")
-    num_local = -(-num_classes // mesh.shape[DATA_AXIS])  # each device's block of centres
+    num_devices = mesh.shape[DATA_AXIS]
 
     def loss_fn(params, batch_stats, images, labels, class_ids, dropout_key, scale, aux_in):
-        loss_state, loss_key = aux_in
+        loss_state, loss_key, num_local = aux_in  # num_local: a static int
         x = normalize_images(images, policy.compute_dtype)
         variables = {"params": params["backbone"], "batch_stats": batch_stats}
         if freeze_bn:
@@ -153,6 +154,9 @@ def make_train_step(
         # The per-sample losses' draws (ElasticFace's margins): their own stream, so the
         # dropout and sampling keys are those of the combined margin.
         loss_key = jax.random.fold_in(key, 0x10557)
+        # Each device's block of centres, from the matrix itself (jaxface.config.derive
+        # sizes it: ceil(C / D), aligned when the head is dense).
+        num_local = params["head"]["centres"].shape[0] // num_devices
         class_ids = sample_class_ids(
             labels,
             sample_key,
@@ -172,7 +176,7 @@ def make_train_step(
             class_ids,
             dropout_key,
             scale,
-            (loss_state, loss_key),
+            (loss_state, loss_key, num_local),
         )
         return loss, stats, grads, class_ids
 
@@ -228,20 +232,23 @@ def make_train_step(
 
     def train_step(state: TrainState, images, labels):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        scale = state.loss_scale.scale
+        # Without loss scaling the scale is the constant 1 (not the state's value), so
+        # neither the loss nor the gradients pass through a multiply or divide by it.
+        scale = state.loss_scale.scale if policy.loss_scaling else jnp.float32(1.0)
         if grad_accum == 1:
             loss, stats, grads, class_ids = micro_batch(
                 state.params, state.batch_stats, images, labels, key, scale, state.loss_state
             )
         else:
             loss, stats, grads, class_ids = accumulated(state, images, labels, key, scale)
-        grads = jax.tree.map(lambda g: g / scale, grads)
+        if policy.loss_scaling:
+            grads = jax.tree.map(lambda g: g / scale, grads)
         finite = all_finite(grads)
         params, opt_state = apply_updates(state, grads, class_ids, finite)
         metrics = {
             "loss": loss,
             "lr": schedule(state.step),
-            "backbone_grad_norm": optax.tree.norm(grads["backbone"]),
+            "backbone_grad_norm": global_norm(grads["backbone"]),
             "loss_scale": scale,
             "grads_finite": finite,
         }

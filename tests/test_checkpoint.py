@@ -14,7 +14,7 @@ import pytest
 from jaxface import eval as eval_cli
 from jaxface import plot as plot_cli
 from jaxface.checkpoint import Checkpointer, CheckpointError
-from jaxface.config import load_config
+from jaxface.config import DENSE_ROW_ALIGN, load_config
 from jaxface.train import train
 from jaxface.weights import load_torch_state_dict, load_weights
 
@@ -50,12 +50,12 @@ def test_resume_continues_exactly_and_on_fewer_devices(repo, tmp_path):
     assert _losses(resumed) == {s: full[s] for s in (4, 5, 6)}  # bit for bit
     assert int(resumed["state"].step) == 6
 
-    # Saved on 8 devices (head padded to 16 rows), continued on 4 (12 rows): the head is
-    # re-sharded. Statistics over the whole batch make the two runs the same computation.
+    # Saved on 8 devices (head padded to 8 x 512 rows), continued on 4 (4 x 512): the head
+    # is re-sharded. Statistics over the whole batch make the two runs the same computation.
     on_four = train(
         _cfg(repo, tmp_path / "part4", max_steps=6, resume=True, num_devices=4, **common)
     )
-    assert on_four["state"].params["head"]["centres"].shape == (12, 32)
+    assert on_four["state"].params["head"]["centres"].shape == (4 * DENSE_ROW_ALIGN, 32)
     for step, loss in _losses(on_four).items():
         assert loss == pytest.approx(full[step], rel=1e-4)
 

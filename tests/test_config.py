@@ -82,8 +82,11 @@ def test_config_is_immutable_and_derived_values_are_not_written_back(repo):
         cfg._values["lr"] = 1.0
     d = derive(cfg, 8)
     assert dict(cfg) == before
-    assert d.global_batch == 1024 and d.num_local_classes == 77_247
-    assert d.num_classes_padded == 617_976 and d.steps_per_epoch == 12_720_066 // 1024
+    # ceil(617,970 / 8) = 77,247 rows, rounded up to a multiple of 512 (dense head).
+    assert d.global_batch == 1024 and d.num_local_classes == 77_312
+    assert d.num_classes_padded == 8 * 77_312 and d.steps_per_epoch == 12_720_066 // 1024
+    sampled = derive(cfg.replace(sample_rate=0.3), 8)
+    assert sampled.num_local_classes == 77_247 and sampled.num_sample == int(0.3 * 77_247)
     assert cfg.replace(lr=0.2).lr == 0.2 and cfg.lr == 0.1
 
 

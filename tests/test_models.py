@@ -116,6 +116,41 @@ def test_batchnorm_has_pytorch_statistics():
     )
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batchnorm_gradient_is_autodiff_of_the_two_pass_form(groups, dtype):
+    """The closed-form backward (and one-pass statistics, shifted by the running mean)
+    against autodiff of the textbook two-pass BatchNorm."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(1.5, 2.0, (4, 3, 3, 6)), dtype)
+    scale = jnp.asarray(rng.normal(1.0, 0.2, 6), jnp.float32)
+    bias = jnp.asarray(rng.normal(0.0, 0.2, 6), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=x.shape), dtype)
+    bn = BatchNorm(num_groups=groups, dtype=dtype)
+    variables = bn.init(jax.random.key(0), x, train=True)
+    variables["batch_stats"]["mean"] = jnp.full((6,), 1.4)  # a shift near the batch mean
+
+    def ours(x, scale, bias):
+        v = {"params": {"scale": scale, "bias": bias}, "batch_stats": variables["batch_stats"]}
+        y, _ = bn.apply(v, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+
+    def reference(x, scale, bias):
+        g = x.astype(jnp.float32).reshape(groups, -1, 6)
+        mean = g.mean(axis=1, keepdims=True)
+        var = jnp.square(g - mean).mean(axis=1, keepdims=True)
+        y = ((g - mean) / jnp.sqrt(var + 1e-5) * scale + bias).reshape(x.shape).astype(dtype)
+        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    got = jax.grad(ours, argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(reference, argnums=(0, 1, 2))(x, scale, bias)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+    np.testing.assert_allclose(ours(x, scale, bias), reference(x, scale, bias), rtol=tol)
+
+
 def test_batchnorm_groups_are_independent_batches():
     x = np.random.default_rng(1).normal(size=(8, 3, 3, 4)).astype(np.float32)
     grouped = BatchNorm(num_groups=4)

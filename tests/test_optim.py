@@ -1,10 +1,11 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from jaxface.config import derive, load_config
-from jaxface.optim import lr_schedule, make_optimizer
+from jaxface.optim import LARGE_LEAF, all_finite, global_norm, lr_schedule, make_optimizer
 
 
 def test_schedule_warmup_then_poly_decay():
@@ -106,3 +107,23 @@ def test_clipping_can_be_disabled(repo, clip):
     updates, _ = tx.update(_grads(0), tx.init(params), params)
     norm = float(optax.tree.norm(updates["backbone"])) / float(schedule(0))
     assert (norm == pytest.approx(5.0, rel=1e-5)) == (clip == 5.0)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("where", ["small", "large"])
+def test_flat_norm_and_finite_check(bad, where):
+    """One reduction per flat view (small leaves concatenated, large ones alone) gives
+    optax's global norm, and a finite check that sees an inf or NaN in any leaf."""
+    rng = np.random.default_rng(0)
+    tree = {
+        "bn": jnp.asarray(rng.normal(size=(64,)), jnp.float32),
+        "conv": jnp.asarray(rng.normal(size=(3, 3, 16, 8)), jnp.float32),
+        "big": jnp.asarray(rng.normal(size=(LARGE_LEAF + 1,)), jnp.float32),
+    }
+    np.testing.assert_allclose(global_norm(tree), optax.tree.norm(tree), rtol=1e-6)
+    assert bool(all_finite(tree))
+    assert bool(all_finite({"huge": jnp.full((4,), 3e38, jnp.float32)}))  # x^2 overflows
+    key = "bn" if where == "small" else "big"
+    broken = {**tree, key: tree[key].at[5].set(bad)}
+    assert not bool(all_finite(broken))
+    assert not bool(jax.jit(all_finite)(broken))

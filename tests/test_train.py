@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxface.config import ConfigError, load_config
+from jaxface.config import DENSE_ROW_ALIGN, ConfigError, load_config
 from jaxface.data.training import verification_paths
 from jaxface.data.verification import load_bin
 from jaxface.train import main, train
@@ -30,7 +30,8 @@ def test_short_run_learns_and_writes_logs(repo, tmp_path, capsys, small_val_bin)
     state = summary["state"]
     # The state was born sharded and stays so: centres and their momentum split by class.
     centres = state.params["head"]["centres"]
-    assert centres.shape == (16, 32) and len(centres.sharding.device_set) == 8
+    # A dense head: each device's block of 2 classes padded to DENSE_ROW_ALIGN rows.
+    assert centres.shape == (8 * DENSE_ROW_ALIGN, 32) and len(centres.sharding.device_set) == 8
     assert centres.sharding.spec[0] == "data"
     momentum = [
         leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)

@@ -43,10 +43,10 @@ def _l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def init_class_centres(key, num_classes: int, num_padded: int, dim: int) -> jnp.ndarray:
-    """N(0, 0.01) centres for the real classes, zeros for the padding rows."""
-    centres = CENTRE_INIT_STD * jax.random.normal(key, (num_padded, dim), jnp.float32)
-    real = jnp.arange(num_padded)[:, None] < num_classes
-    return jnp.where(real, centres, 0.0)
+    """N(0, 0.01) centres for the real classes, zeros for the padding rows. The real rows
+    are drawn alone, so they are the same whatever the padding (device count, alignment)."""
+    centres = CENTRE_INIT_STD * jax.random.normal(key, (num_classes, dim), jnp.float32)
+    return jnp.pad(centres, ((0, num_padded - num_classes), (0, 0)))
 
 
 def sample_class_ids(

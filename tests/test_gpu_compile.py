@@ -1,0 +1,224 @@
+"""Compile-time GPU estimates: counting kernels, traffic and the roofline from optimised HLO
+(jaxface.hlo_stats, runs everywhere), and compiling the real step for an H200 without one
+(jaxface.gpu_target, only where the CUDA plugin is installed: pip install -e '.[gpu-compile]')."""
+
+import json
+
+import pytest
+
+from jaxface import gpu_target, hlo_stats
+
+# A small optimised GPU module written by hand: one of each kind of kernel, and a while loop
+# that runs 3 times whose body launches a reduction fusion and a copy.
+HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_add (p0: f32[1024], p1: f32[1024]) -> f32[1024] {
+  %p0 = f32[1024]{0} parameter(0)
+  %p1 = f32[1024]{0} parameter(1)
+  ROOT %add.1 = f32[1024]{0} add(%p0, %p1)
+}
+
+%sum (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.2 = f32[] add(%a, %b)
+}
+
+%fused_reduce (p0.1: f32[1024]) -> f32[] {
+  %p0.1 = f32[1024]{0} parameter(0)
+  %c0 = f32[] constant(0)
+  ROOT %reduce.1 = f32[] reduce(%p0.1, %c0), dimensions={0}, to_apply=%sum
+}
+
+%gemm_fusion_dot_computation (p0.2: bf16[64,256], p1.2: bf16[256,128]) -> f32[64,128] {
+  %p0.2 = bf16[64,256]{1,0} parameter(0)
+  %p1.2 = bf16[256,128]{1,0} parameter(1)
+  ROOT %dot.1 = f32[64,128]{1,0} dot(%p0.2, %p1.2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (param: (s32[], f32[1024])) -> (s32[], f32[1024]) {
+  %param = (s32[], f32[1024]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%param), index=0
+  %v = f32[1024]{0} get-tuple-element(%param), index=1
+  %r = f32[] fusion(%v), kind=kInput, calls=%fused_reduce
+  %v2 = f32[1024]{0} copy(%v)
+  ROOT %t = (s32[], f32[1024]{0}) tuple(%i, %v2)
+}
+
+%cond (param.1: (s32[], f32[1024])) -> pred[] {
+  %param.1 = (s32[], f32[1024]{0}) parameter(0)
+  ROOT %true = pred[] constant(true)
+}
+
+ENTRY %main (x: f32[1024], y: f32[1024], img: bf16[8,16,16,32], w: bf16[3,3,32,64], a: bf16[64,256], b: bf16[256,128]) -> f32[1024] {
+  %x = f32[1024]{0} parameter(0)
+  %y = f32[1024]{0} parameter(1)
+  %img = bf16[8,16,16,32]{3,2,1,0} parameter(2)
+  %w = bf16[3,3,32,64]{3,2,1,0} parameter(3)
+  %a = bf16[64,256]{1,0} parameter(4)
+  %b = bf16[256,128]{1,0} parameter(5)
+  %loop = f32[1024]{0} fusion(%x, %y), kind=kLoop, calls=%fused_add
+  %red = f32[] fusion(%loop), kind=kInput, calls=%fused_reduce
+  %conv = (bf16[8,16,16,64]{3,2,1,0}, u8[0]{0}) custom-call(%img, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward", backend_config={"cudnn_conv_backend_config":{}}
+  %gemm = f32[64,128]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_fusion_dot_computation, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %tr = f32[128,64]{0,1} transpose(%gemm), dimensions={1,0}
+  %cp = f32[1024]{0} copy(%loop)
+  %ar = f32[1024]{0} all-reduce(%cp), replica_groups={}, to_apply=%sum
+  %init = (s32[], f32[1024]{0}) tuple(%red, %ar)
+  %wh = (s32[], f32[1024]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %out = f32[1024]{0} get-tuple-element(%wh), index=1
+}
+"""
+
+PEAKS = hlo_stats.Peaks(bandwidth=1e12, matrix_flops={"bf16": 1e15}, scalar_flops=1e13)
+
+
+def test_kernels_by_kind_with_loop_trip_counts():
+    stats = hlo_stats.analyse(HLO, PEAKS)
+    assert stats.by_kind() == {
+        "cudnn_conv": 1,
+        "gemm": 1,
+        "reduction_fusion": 1 + 3,  # the entry's and the loop body's, 3 times
+        "loop_fusion": 1,
+        "copy": 1 + 3,
+        "transpose": 1,
+        "collective": 1,
+    }
+    assert stats.count() == 13 and stats.unknown_trip_counts == 0
+
+
+def test_traffic_is_operands_plus_result():
+    stats = hlo_stats.analyse(HLO, PEAKS)
+    by_name = {k.name: k for k in stats.kernels}
+    assert by_name["loop"].bytes == 3 * 4096  # two f32[1024] in, one out
+    assert by_name["red"].bytes == 4096 + 4
+    conv_in = 8 * 16 * 16 * 32 * 2 + 3 * 3 * 32 * 64 * 2
+    assert by_name["conv"].bytes == conv_in + 8 * 16 * 16 * 64 * 2  # workspace u8[0]
+    assert by_name["v2"].times == 3 and by_name["v2"].bytes == 2 * 4096
+    loop_body = 3 * ((4096 + 4) + 2 * 4096)
+    assert stats.traffic() == pytest.approx(
+        sum(k.bytes for k in stats.kernels if k.times == 1) + loop_body
+    )
+
+
+def test_flops_and_roofline():
+    stats = hlo_stats.analyse(HLO, PEAKS)
+    by_name = {k.name: k for k in stats.kernels}
+    assert by_name["conv"].flops == 2 * (8 * 16 * 16 * 64) * (3 * 3 * 32)
+    assert by_name["gemm"].flops == 2 * 64 * 128 * 256
+    assert by_name["gemm"].peak == 1e15  # bf16 operands: the matrix units
+    expected = sum(
+        k.times * max(k.flops / k.peak if k.flops else 0, k.bytes / 1e12) for k in stats.kernels
+    )
+    assert stats.roofline_s(PEAKS) == pytest.approx(expected)
+    numbers = hlo_stats.summary(stats, PEAKS, global_batch=8, overhead_us=2.0)
+    assert numbers["estimated_ms"] == pytest.approx(1e3 * expected + 13 * 2e-3)
+    lines = hlo_stats.format_summary(numbers, goal_samples_per_s=8000)
+    assert lines[0].startswith("kernels per step: 13 (cuDNN convolutions 1, GEMMs 1")
+    assert "(goal 8,000)" in lines[-1]
+
+
+def test_unknown_trip_count_is_counted_once_and_said():
+    stats = hlo_stats.analyse(HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', ""))
+    assert stats.unknown_trip_counts == 1 and stats.count() == 13 - 4
+
+
+def test_not_hlo():
+    with pytest.raises(hlo_stats.HloParseError, match="ENTRY"):
+        hlo_stats.analyse("hello")
+
+
+def test_spec_peaks_from_the_shipped_h200_spec():
+    target = gpu_target.load_target("h200")
+    assert target.spec.startswith("# From openxla/xla")  # source and licence kept
+    peaks = target.peaks
+    assert peaks.bandwidth == 4.8e12
+    assert 980e12 < peaks.flops_for("bf16") < 1000e12  # the data sheet's dense 989
+    assert 60e12 < peaks.scalar_flops < 70e12  # float32 on the CUDA cores, 67
+    assert target.memory_bytes > 140 * 1024**3
+
+
+def test_unknown_target_names_the_known_ones():
+    with pytest.raises(gpu_target.TargetError, match="known targets are h200"):
+        gpu_target.load_target("h300")
+
+
+def test_profile_cli_input_errors(capsys, monkeypatch, repo):
+    from compare import profile
+
+    monkeypatch.chdir(repo)
+    assert profile.main(["--config", "configs/demo.py", "--target", "h300"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "known targets are h200" in err[0]
+    if not gpu_target.plugin_installed():
+        assert profile.main(["--config", "configs/demo.py", "--target", "h200"]) == 2
+        err = capsys.readouterr().err
+        assert "pip install -e '.[gpu-compile]'" in err
+
+
+needs_plugin = pytest.mark.skipif(
+    not gpu_target.plugin_installed(),
+    reason="the CUDA plugin is not installed (pip install -e '.[gpu-compile]')",
+)
+
+
+@needs_plugin
+def test_a_spec_the_jaxlib_rejects_names_the_field(tmp_path):
+    spec = gpu_target.load_target("h200").spec.replace(
+        "  core_count: 132\n", "  core_count: 132\n  no_such_field: 1\n"
+    )
+    path = tmp_path / "bad.txtpb"
+    path.write_text(spec)
+    with pytest.raises(gpu_target.TargetError, match='no field named "no_such_field"'):
+        gpu_target.devices(gpu_target.load_target(str(path)))
+
+
+@needs_plugin
+@pytest.mark.slow
+def test_profile_compiles_the_step_for_an_h200(repo, tmp_path, monkeypatch, capsys):
+    from compare import profile
+
+    monkeypatch.chdir(repo)
+    args = ["--config", "configs/demo.py", "--target", "h200", "--batch", "4", "--devices", "2"]
+    args += ["--out", str(tmp_path), "--config.num_classes=100"]
+    assert profile.main(args) == 0
+    out = capsys.readouterr().out
+    assert "COMPILE-TIME ESTIMATE" in out and "samples/s (goal 16,000)" in out
+    summary = json.loads((tmp_path / "profile.json").read_text())
+    assert summary["kernels_by_kind"]["cudnn_conv"] > 0
+    assert summary["kernels_by_kind"]["collective"] > 0  # two devices: the head's reductions
+    assert summary["memory"]["peak"] > 0 and summary["roofline_ms"] > 0
+    assert "__cudnn$conv" in (tmp_path / "step.hlo.txt").read_text()
+
+
+def test_plan_without_the_plugin_falls_back_to_the_cpu_and_says_so(repo, capsys, monkeypatch):
+    from jaxface import plan
+
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(gpu_target, "plugin_installed", lambda: False)
+    args = ["--config", "configs/demo.py", "--devices", "2", "--target", "h200"]
+    args += ["--memory-gb", "0.05", "--config.batch_size=2", "--config.num_classes=2000"]
+    assert plan.main(args) == 0
+    captured = capsys.readouterr()
+    assert "CPU stand-in" in captured.err and "pip install -e '.[gpu-compile]'" in captured.err
+    assert "2 devices: per device" in captured.out
+    assert "largest class count within 0.05 GB per device" in captured.out
+
+
+def test_plan_unknown_target(repo, capsys, monkeypatch):
+    from jaxface import plan
+
+    monkeypatch.chdir(repo)
+    assert plan.main(["--config", "configs/demo.py", "--devices", "1", "--target", "x1"]) == 2
+    assert "known targets are h200" in capsys.readouterr().err
+
+
+@needs_plugin
+@pytest.mark.slow
+def test_plan_uses_the_gpu_buffer_assignment(repo):
+    from jaxface.config import load_config
+    from jaxface.plan import step_memory
+
+    cfg = load_config(repo / "configs/demo.py", {"batch_size": "2", "num_classes": "1000"})
+    mem = step_memory(cfg, 2, gpu_target.load_target("h200"))
+    assert mem["temporaries"] > 0 and mem["peak"] >= mem["arguments"] > 0
