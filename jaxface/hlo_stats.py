@@ -92,6 +92,22 @@ _FREE = {
     "replica-id",
     "iota-free",
 }
+# Instructions that read several elements of an operand per output element: a loop fusion
+# holding one of them is not capped at its output's size.
+_MANY_TO_ONE = {
+    "reduce",
+    "reduce-window",
+    "dot",
+    "convolution",
+    "sort",
+    "scatter",
+    "custom-call",
+    "select-and-scatter",
+    "fft",
+    "cholesky",
+    "triangular-solve",
+}
+
 _COLLECTIVES = {
     "all-reduce",
     "all-gather",
@@ -128,6 +144,7 @@ class Instruction:
     opcode: str
     operands: list[str]
     attrs: str  # everything after the operand list
+    number: int = -1  # a parameter's index; -1 for other instructions
 
     def attr(self, key: str) -> str | None:
         m = re.search(rf"\b{key}=(%?[\w.\-$]+)", self.attrs)
@@ -281,8 +298,10 @@ def _parse_instruction(line: str) -> Instruction | None:
     if not op:
         return None
     close = _matching(rest, op.end() - 1)
-    operands = re.findall(r"%([\w.\-]+)", rest[op.end() : close - 1])
-    return Instruction(name, shape, op.group(1), operands, rest[close:])
+    inside = rest[op.end() : close - 1]
+    operands = re.findall(r"%([\w.\-]+)", inside)
+    number = int(inside) if op.group(1) == "parameter" and inside.strip().isdigit() else -1
+    return Instruction(name, shape, op.group(1), operands, rest[close:], number)
 
 
 def parse(text: str) -> dict[str, Computation]:
@@ -386,8 +405,32 @@ def _contains(comps: dict[str, Computation], name: str | None, opcode: str) -> b
     return comp is not None and any(i.opcode == opcode for i in comp.instructions)
 
 
-def _operand_bytes(inst: Instruction, comp: Computation) -> float:
-    return sum(shape_bytes(comp.by_name[o].shape) for o in inst.operands if o in comp.by_name)
+def _operand_bytes(inst: Instruction, comp: Computation, comps: dict[str, Computation]) -> float:
+    """Bytes a kernel reads: each operand's size, capped for an elementwise loop fusion.
+
+    A loop fusion without reductions computes each output element from at most one element
+    of each operand, so it reads at most (its output elements) x (the operand's element size)
+    of an operand: a split of a flat vector into parts reads each part, not the whole vector
+    once per part."""
+    cap = None
+    if inst.opcode == "fusion" and inst.attr("kind") == "kLoop":
+        fused = comps.get(inst.attr("calls") or "")
+        if fused is not None and not any(i.opcode in _MANY_TO_ONE for i in fused.instructions):
+            cap = _array_elements(inst.shape)
+    total = 0.0
+    for name in inst.operands:
+        if name in comp.by_name:
+            shape = comp.by_name[name].shape
+            full = shape_bytes(shape)
+            elements = _array_elements(shape)
+            if cap is not None and elements > cap:
+                full *= cap / elements
+            total += full
+    return total
+
+
+def _array_elements(shape: str) -> int:
+    return sum(_elements(dims) for _, dims in _SHAPE.findall(shape))
 
 
 def _kernel(
@@ -489,7 +532,7 @@ def _walk(comp, comps, times, stats, peaks, depth):
                 stats.kernels.extend(best.kernels)
             continue
         kind, flops, dtype = _kernel(inst, comp, comps)
-        traffic = _operand_bytes(inst, comp) + shape_bytes(inst.shape)
+        traffic = _operand_bytes(inst, comp, comps) + shape_bytes(inst.shape)
         peak = peaks.flops_for(dtype) if peaks else 0.0
         written = shape_bytes(inst.shape)
         stats.kernels.append(Kernel(kind, inst.name, traffic, flops, times, peak, written))

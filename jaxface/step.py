@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from jaxface.fused_sgd import FusedSGD
 from jaxface.heads import (
     Margin,
     PerSampleLoss,
@@ -208,17 +209,25 @@ def make_train_step(
 
     def apply_updates(state, grads, class_ids, finite):
         """(params, optimizer state) after the update."""
+        gate = finite if policy.loss_scaling else None
+        if isinstance(tx, FusedSGD):
+            return tx.apply(state.params, grads, state.opt_state, gate)
         if not rows_only:
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             new = (optax.apply_updates(state.params, updates), opt_state)
             return keep_if_finite(finite, new, (state.params, state.opt_state))
         old_backbone = (state.params["backbone"], state.opt_state["backbone"])
-        updates, backbone_opt = tx.backbone.update(
-            grads["backbone"], old_backbone[1], old_backbone[0]
-        )
-        backbone, backbone_opt = keep_if_finite(
-            finite, (optax.apply_updates(old_backbone[0], updates), backbone_opt), old_backbone
-        )
+        if isinstance(tx.backbone, FusedSGD):
+            backbone, backbone_opt = tx.backbone.apply(
+                old_backbone[0], grads["backbone"], old_backbone[1], gate
+            )
+        else:
+            updates, backbone_opt = tx.backbone.update(
+                grads["backbone"], old_backbone[1], old_backbone[0]
+            )
+            backbone, backbone_opt = keep_if_finite(
+                finite, (optax.apply_updates(old_backbone[0], updates), backbone_opt), old_backbone
+            )
         centres, head_opt = tx.update_head(
             state.params["head"]["centres"],
             state.opt_state["head"],

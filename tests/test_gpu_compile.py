@@ -101,6 +101,51 @@ def test_traffic_is_operands_plus_result():
     )
 
 
+SPLIT_HLO = """HloModule jit_split, is_scheduled=true
+
+%fused_split (p0: f32[1024], p1: f32[1024], p2: f32[]) -> (f32[256], f32[768]) {
+  %p0 = f32[1024]{0} parameter(0)
+  %p1 = f32[1024]{0} parameter(1)
+  %p2 = f32[] parameter(2)
+  %b = f32[1024]{0} broadcast(%p2), dimensions={}
+  %m = f32[1024]{0} multiply(%p1, %b)
+  %s = f32[1024]{0} add(%p0, %m)
+  %s0 = f32[256]{0} slice(%s), slice={[0:256]}
+  %s1 = f32[768]{0} slice(%s), slice={[256:1024]}
+  ROOT %t = (f32[256]{0}, f32[768]{0}) tuple(%s0, %s1)
+}
+
+%sum (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.2 = f32[] add(%a, %b)
+}
+
+%fused_rows (p0.1: f32[1024]) -> f32[4] {
+  %p0.1 = f32[1024]{0} parameter(0)
+  %r = f32[4,256]{1,0} bitcast(%p0.1)
+  %c0 = f32[] constant(0)
+  ROOT %reduce.1 = f32[4]{0} reduce(%r, %c0), dimensions={1}, to_apply=%sum
+}
+
+ENTRY %main (x: f32[1024], y: f32[1024], lr: f32[]) -> f32[4] {
+  %x = f32[1024]{0} parameter(0)
+  %y = f32[1024]{0} parameter(1)
+  %lr = f32[] parameter(2)
+  %split = (f32[256]{0}, f32[768]{0}) fusion(%x, %y, %lr), kind=kLoop, calls=%fused_split
+  ROOT %rows = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_rows
+}
+"""
+
+
+def test_a_loop_fusion_reads_at_most_its_output_size_of_an_operand():
+    """Splitting a flat vector reads each part once (the flat-view optimizer's update), but a
+    loop fusion that reduces is charged its whole operand."""
+    by_name = {k.name: k for k in hlo_stats.analyse(SPLIT_HLO, PEAKS).kernels}
+    assert by_name["split"].bytes == 2 * 4096 + 4 + 4096  # x and y once, lr, two parts out
+    assert by_name["rows"].bytes == 4096 + 16
+
+
 def test_flops_and_roofline():
     stats = hlo_stats.analyse(HLO, PEAKS)
     by_name = {k.name: k for k in stats.kernels}

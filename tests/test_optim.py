@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,6 +7,7 @@ import optax
 import pytest
 
 from jaxface.config import derive, load_config
+from jaxface.fused_sgd import FusedSGD
 from jaxface.optim import LARGE_LEAF, all_finite, global_norm, lr_schedule, make_optimizer
 
 
@@ -127,3 +130,55 @@ def test_flat_norm_and_finite_check(bad, where):
     broken = {**tree, key: tree[key].at[5].set(bad)}
     assert not bool(all_finite(broken))
     assert not bool(jax.jit(all_finite)(broken))
+
+
+def _chain_step(tx, params, grads, state, finite):
+    """The optax chain as step.py applied it before FusedSGD: update, apply, keep if finite."""
+    updates, new_state = tx.chain.update(grads, state, params)
+    new_params = optax.apply_updates(params, updates)
+    if finite is not None and not finite:
+        return params, state
+    return new_params, new_state
+
+
+@pytest.mark.parametrize("clip", [0.0, 5.0, 1e6])
+@pytest.mark.parametrize("large", [LARGE_LEAF, 12])
+@pytest.mark.parametrize("finite", [None, True, False])
+def test_fused_sgd_equals_the_optax_chain(repo, clip, large, finite):
+    """FusedSGD.apply (one pass over flat views) gives the chain's parameters and state:
+    clipped or not, with leaves concatenated or alone (large=12: the 3x4 kernel and the
+    5x4 centres are updated alone), and a non-finite step leaves everything as it was."""
+    cfg, derived = _cfg(repo, warmup_epoch=0, lr=0.1, weight_decay=5e-4, momentum=0.9,
+                        grad_clip_norm=clip)  # fmt: skip
+    tx, _ = make_optimizer(cfg, derived)
+    assert isinstance(tx, FusedSGD)
+    tx = dataclasses.replace(tx, large=large)
+    params = ref_params = _params()
+    state = ref_state = tx.init(params)
+    apply = jax.jit(tx.apply)
+    for step in range(3):
+        grads = _grads(step)
+        gate = None if finite is None else jnp.bool_(finite)
+        params, state = apply(params, grads, state, gate)
+        ref_params, ref_state = _chain_step(tx, ref_params, grads, ref_state, finite)
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    for got, want in zip(jax.tree.leaves((params, state)), jax.tree.leaves((ref_params, ref_state)),
+                         strict=True):  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert int(optax.tree_utils.tree_get(state, "count")) == (0 if finite is False else 3)
+
+
+def test_fused_sgd_backbone_when_sampling(repo):
+    """With class sampling SampledSGD updates the centres; its backbone part is a FusedSGD
+    that clips every leaf it is given."""
+    cfg, derived = _cfg(repo, sample_rate=0.5, warmup_epoch=0, momentum=0.9, grad_clip_norm=5.0)
+    tx, _ = make_optimizer(cfg, derived)
+    assert isinstance(tx.backbone, FusedSGD) and tx.backbone.clip_only is None
+    params = _params()["backbone"]
+    state = tx.backbone.init(params)
+    grads = _grads(0)["backbone"]
+    got, _ = tx.backbone.apply(params, grads, state)
+    updates, _ = tx.backbone.chain.update(grads, state, params)
+    want = optax.apply_updates(params, updates)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
