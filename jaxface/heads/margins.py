@@ -57,7 +57,11 @@ class Margin:
             # zeroed (no gradient), as arcface_torch's interclass filtering.
             dirty = (cos > self.filter_threshold) & ~is_target
             cos = jnp.where(dirty, 0.0, cos)
-        adjusted = jnp.where(is_target, self.target_logit(cos), cos)
+        # The margin on each row's target cosine ([B, 1]; the sum has one non-zero term, so
+        # it is exact), not on every entry: with arccos and cos over the whole [B, C] matrix
+        # XLA wrote the adjusted logits as a buffer of their own.
+        target_cos = jnp.where(is_target, cos, 0.0).sum(axis=-1, keepdims=True)
+        adjusted = jnp.where(is_target, self.target_logit(target_cos), cos)
         return adjusted * self.scale
 
 
