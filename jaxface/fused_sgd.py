@@ -6,7 +6,7 @@ returns its gradient as OHWI, the parameter is HWIO, so the update cannot happen
 Fused optimizers (apex's FusedSGD, torch.optim.SGD(foreach=True)) launch one kernel over many
 tensors instead. Here the leaves are concatenated into one float32 vector, updated, and
 split back; XLA:GPU compiles the split into a few multi-output slice kernels that also do the
-transposes. r50's step compiled for an H200 went from 1,186 kernels to 967 (docs/gpu.md).
+transposes. r50's step compiled for an H200 went from 1,186 kernels to 947 (docs/gpu.md).
 
 The maths and its order are the optax chain's that `chain` holds (torch.optim.SGD's order):
 
