@@ -144,7 +144,6 @@ class Instruction:
     opcode: str
     operands: list[str]
     attrs: str  # everything after the operand list
-    number: int = -1  # a parameter's index; -1 for other instructions
 
     def attr(self, key: str) -> str | None:
         m = re.search(rf"\b{key}=(%?[\w.\-$]+)", self.attrs)
@@ -298,10 +297,8 @@ def _parse_instruction(line: str) -> Instruction | None:
     if not op:
         return None
     close = _matching(rest, op.end() - 1)
-    inside = rest[op.end() : close - 1]
-    operands = re.findall(r"%([\w.\-]+)", inside)
-    number = int(inside) if op.group(1) == "parameter" and inside.strip().isdigit() else -1
-    return Instruction(name, shape, op.group(1), operands, rest[close:], number)
+    operands = re.findall(r"%([\w.\-]+)", rest[op.end() : close - 1])
+    return Instruction(name, shape, op.group(1), operands, rest[close:])
 
 
 def parse(text: str) -> dict[str, Computation]:
