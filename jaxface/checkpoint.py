@@ -22,43 +22,42 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxface.config import ConfigError
 from jaxface.step import is_head
-
-# Keys whose values fix the shapes in the state (the loss: its running state): a
-# checkpoint must agree on them.
-SHAPE_KEYS = ("network", "embedding_size", "num_classes", "optimizer", "loss")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or used; the message says which and why."""
 
 
-def _check_shape_keys(meta: dict, config: dict, where: Path) -> None:
-    saved = meta.get("config", {})
-    for key in SHAPE_KEYS:
-        if key in saved and saved[key] != config[key]:
-            raise CheckpointError(
-                f"checkpoint {where} was written for {key}={saved[key]!r}, but the config "
-                f"says {key}={config[key]!r}"
-            )
+def array_name(path) -> str:
+    """A state leaf's name as orbax records it: `opt_state.backbone.2.0.trace.bn1.bias`."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def check_data_stream(meta: dict, stream: dict, allow_change: bool) -> list[str]:
-    """What differs between the data stream a checkpoint was trained on and this run's
-    (`stream`: global batch, seed, data...). Raises ConfigError unless `allow_change`;
-    returns the differences (empty when the same), for a warning."""
-    saved = meta.get("data_stream")
-    if saved is None:  # written before jaxface recorded it
-        return []
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in stream.items() if saved.get(k) != v]
-    if changed and not allow_change:
-        raise ConfigError(
-            f"resuming would change the data stream ({', '.join(changed)}), so the run would "
-            "no longer equal an uninterrupted one; resume with the checkpoint's values, or "
-            "set --config.allow_data_change=true to continue on the new stream"
-        )
-    return changed
+def array_specs(tree) -> dict[str, tuple]:
+    """name -> (shape, dtype) of every leaf of a (possibly abstract) state."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {array_name(path): (tuple(x.shape), str(x.dtype)) for path, x in leaves}
+
+
+def is_head_name(name: str) -> bool:
+    """Arrays under `head` (the centres, their momentum): their rows follow the device
+    count's padding, so only their first dimension may differ on resume."""
+    return "head" in name.split(".")
+
+
+def _is_read_failure(exc: Exception) -> bool:
+    """True when restoring failed because the files cannot be read (truncated, missing,
+    garbled): the checkpoint is damaged. False for what says nothing about the files: a
+    structure mismatch that the resume check missed, memory exhausted."""
+    text = str(exc)
+    if isinstance(exc, MemoryError) or "RESOURCE_EXHAUSTED" in text:
+        return False
+    return "structures do not match" not in text
+
+
+def _placeholder(x) -> bool:
+    return x is ocp.PLACEHOLDER
 
 
 def _orbax_chatter(record: logging.LogRecord) -> bool:
@@ -98,12 +97,24 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored.meta
 
-    def restore(self, abstract_state: Any, config: dict, warn=print) -> tuple[Any, dict]:
-        """The newest usable checkpoint, placed in `abstract_state`'s shardings, and its
-        meta. A checkpoint that cannot be read (a damaged or truncated file) is reported in
-        one line through `warn`, moved aside to `STEP.damaged-DATE` (never deleted), and the
-        one before it is tried. Raises CheckpointError if none is usable, or if the newest
-        readable one was written for another model (SHAPE_KEYS)."""
+    def saved_arrays(self, step: int) -> dict[str, tuple]:
+        """name -> (shape, dtype) of every array of checkpoint `step`, from orbax's
+        metadata: nothing but the small metadata file is read."""
+        metadata = ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / "state")
+        tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+        return {leaf.name: (tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree.leaves(tree)}
+
+    def restore(self, abstract_state: Any, decide, fresh, warn=print) -> tuple[Any, dict, Any]:
+        """The newest readable checkpoint placed in `abstract_state`'s shardings, its meta,
+        and what `decide` said of it.
+
+        `decide(meta, saved_arrays, folder)` runs before any array is read: it raises to
+        refuse the checkpoint (which keeps its name), or returns a `jaxface.resume.ResumePlan`;
+        when it is `converting`, the arrays that match are read by name and the rest taken
+        from `fresh(names)` (name -> array).
+        A checkpoint whose files cannot be read (truncated, missing) is reported through
+        `warn` in one line, moved aside to `STEP.damaged-DATE` (never deleted), and the one
+        before it is tried. Raises CheckpointError if none is readable."""
         steps = sorted(self._manager.all_steps(), reverse=True)
         if not steps:
             raise CheckpointError(
@@ -113,22 +124,27 @@ class Checkpointer:
         failures = []
         for step in steps:
             try:
-                meta = self.read_meta(step)
+                meta, saved = self.read_meta(step), self.saved_arrays(step)
             except Exception as exc:  # noqa: BLE001 - orbax raises many types for bad files
                 failures.append(self._unusable(step, exc, warn))
                 continue
-            _check_shape_keys(meta, config, self.directory / str(step))
+            plan = decide(meta, saved, self.directory / str(step))
             try:
-                state = self._restore_state(step, abstract_state)
+                state = self._restore_state(step, abstract_state, plan, fresh)
             except Exception as exc:  # noqa: BLE001 - likewise
+                if not _is_read_failure(exc):
+                    raise CheckpointError(
+                        f"checkpoint {self.directory / str(step)} could not be restored (its "
+                        f"files are kept): {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                    ) from exc
                 failures.append(self._unusable(step, exc, warn))
                 continue
             if failures:
                 self._manager.reload()  # forget the steps moved aside
-            return state, meta
+            return state, meta, plan
         raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(failures))
 
-    def _restore_state(self, step: int, abstract_state: Any) -> Any:
+    def _restore_state(self, step: int, abstract_state: Any, plan, fresh) -> Any:
         def restore_args(path, leaf):
             # Only the head may change shape (its padding follows the device count).
             return ocp.ArrayRestoreArgs(
@@ -138,14 +154,55 @@ class Checkpointer:
                 strict=not is_head(path),
             )
 
-        args = jax.tree_util.tree_map_with_path(restore_args, abstract_state)
+        if not plan.converting:
+            args = jax.tree_util.tree_map_with_path(restore_args, abstract_state)
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=args)
+                ),
+            )
+            return restored.state
+        # Converting: read the arrays that match (into the saved tree's own structure, the
+        # others left as placeholders, never read), create the rest, assemble the new state.
+        skip = set(plan.initialise)
+        targets = {
+            array_name(path): (path, leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+        }
+        metadata = ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / "state")
+        tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+
+        def wanted(leaf):
+            return leaf.name in targets and leaf.name not in skip
+
+        def item(leaf):
+            return targets[leaf.name][1] if wanted(leaf) else ocp.PLACEHOLDER
+
+        def args(leaf):
+            return restore_args(*targets[leaf.name]) if wanted(leaf) else ocp.PLACEHOLDER
+
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=args)
+                state=ocp.args.PyTreeRestore(
+                    item=jax.tree.map(item, tree), restore_args=jax.tree.map(args, tree)
+                )
             ),
         )
-        return restored.state
+        by_name = {
+            leaf.name: value
+            for leaf, value in zip(
+                jax.tree.leaves(tree),
+                jax.tree.leaves(restored.state, is_leaf=_placeholder),
+                strict=True,
+            )
+            if wanted(leaf)
+        }
+        by_name |= fresh([name for name in targets if name not in by_name])
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: by_name[array_name(path)], abstract_state
+        )
 
     def _unusable(self, step: int, exc: Exception, warn) -> str:
         """Report a checkpoint that cannot be read and move it out of the way."""

@@ -96,6 +96,9 @@ def get_config() -> dict:
         # Checkpoints and evaluation.
         resume=False,  # continue from the latest usable checkpoint in output/checkpoints
         allow_data_change=False,  # resume even if batch size, seed or data differ (a new stream)
+        # resume even if the train state's structure changed (momentum switched off, sampling
+        # switched on, another optimizer or loss): restore what matches, initialise the rest
+        allow_state_change=False,
         init_from=Unset(str),  # fine-tune from a backbone (model.pt or jaxface .npz), fresh head
         checkpoint_every=2000,  # steps; checkpoints are also written at each epoch end
         keep_checkpoints=3,

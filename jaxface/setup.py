@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from jaxface.checkpoint import array_name
 from jaxface.config import Config, ConfigError, Derived, derive
 from jaxface.heads import Margin, PerSampleLoss, loss_from_config
 from jaxface.heads.losses import NORM_LOSSES
@@ -62,6 +63,18 @@ class Run:
         """The initial state, each leaf created where its sharding puts it."""
         seed = self.cfg.seed if seed is None else seed
         return jax.jit(self.init, out_shardings=self.shardings)(seed)
+
+    def init_arrays(self, names, seed: int | None = None) -> dict[str, jax.Array]:
+        """Some arrays of the initial state, by name (`jaxface.checkpoint.array_name`): the
+        ones a converting resume creates. Only those are computed (XLA drops the rest)."""
+        seed = self.cfg.seed if seed is None else seed
+        wanted = set(names)
+
+        def pick(tree):
+            leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+            return {array_name(path): x for path, x in leaves if array_name(path) in wanted}
+
+        return jax.jit(lambda s: pick(self.init(s)), out_shardings=pick(self.shardings))(seed)
 
     def abstract_batch(self) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
         """Shapes, dtypes and shardings of one step's (images, labels)."""

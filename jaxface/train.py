@@ -21,7 +21,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxface import cli
-from jaxface.checkpoint import Checkpointer, CheckpointError, check_data_stream, set_aside
+from jaxface.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    array_specs,
+    is_head_name,
+    set_aside,
+)
 from jaxface.config import ConfigError, load_config, parse_overrides
 from jaxface.data.loader import LoaderError
 from jaxface.data.recordio import RecordIOError
@@ -33,7 +39,9 @@ from jaxface.export import export_backbone
 from jaxface.feed import DeviceFeed
 from jaxface.fileio import ConvertError, atomic_write
 from jaxface.mesh import MeshError, make_mesh
+from jaxface.precision import LossScale
 from jaxface.progress import Meter, Progress, format_duration
+from jaxface.resume import data_stream, plan_resume
 from jaxface.runlock import FolderLockedError, RunLock
 from jaxface.runlog import RunLog
 from jaxface.setup import Run, build
@@ -215,14 +223,7 @@ def _open_input(cfg, global_batch: int, is_main: bool, say):
 
 
 def _data_stream(cfg, derived, loader) -> dict:
-    """What fixes the sequence of batches: a resume must agree on it to be exact."""
-    return {
-        "global_batch": derived.global_batch,
-        "gradient_acc": cfg.gradient_acc,
-        "seed": cfg.seed,
-        "rec": cfg.rec,
-        "num_images": loader.num_samples,
-    }
+    return data_stream(cfg, derived.global_batch, loader.num_samples)
 
 
 def _restore_or_init(run: Run, checkpoint_dir: Path, stream: dict, say):
@@ -232,18 +233,10 @@ def _restore_or_init(run: Run, checkpoint_dir: Path, stream: dict, say):
     if cfg.resume:
         checkpointer = Checkpointer(checkpoint_dir, cfg.keep_checkpoints)
         try:
-            state, meta = checkpointer.restore(run.abstract_state, cfg.to_dict(), warn=say)
-            changed = check_data_stream(meta, stream, cfg.allow_data_change)
+            state = _resume(run, checkpointer, stream, say)
         except BaseException:
             checkpointer.close()
             raise
-        if changed:
-            say(f"warning: the data stream changed on resume ({', '.join(changed)})")
-        step = int(jax.device_get(state.step))
-        say(
-            f"resumed from {checkpointer.directory / str(step)} (step {step}, saved on "
-            f"{meta.get('num_devices', '?')} device(s), now {run.mesh.size})"
-        )
         return state, checkpointer
     if is_main:  # an earlier run's results are moved aside, never overwritten
         for earlier in (checkpoint_dir, checkpoint_dir.parent / "metrics.jsonl"):
@@ -258,6 +251,51 @@ def _restore_or_init(run: Run, checkpoint_dir: Path, stream: dict, say):
         state = _init_backbone_from(run, state)
         say(f"backbone initialised from {cfg.init_from} (head is fresh)")
     return state, checkpointer
+
+
+def _resume(run: Run, checkpointer: Checkpointer, stream: dict, say):
+    """The state of the newest usable checkpoint, after `jaxface.resume.plan_resume` has
+    checked the config change against it; says what the resume changes."""
+    cfg, new_arrays = run.cfg, array_specs(run.abstract_state)
+
+    def decide(meta, saved_arrays, folder):
+        return plan_resume(
+            meta, cfg, stream, saved_arrays, new_arrays, str(folder), resizable=is_head_name
+        )
+
+    state, meta, plan = checkpointer.restore(run.abstract_state, decide, run.init_arrays, warn=say)
+    step = int(jax.device_get(state.step))
+    if plan.stream_changes:
+        say(f"warning: the data stream changed on resume ({', '.join(plan.stream_changes)})")
+    if plan.converting:
+        fresh = _groups(plan.initialise) if plan.initialise else "none"
+        dropped = f"; not carried over: {_groups(plan.dropped)}" if plan.dropped else ""
+        why = f" ({', '.join(plan.converted)})" if plan.converted else ""
+        say(
+            f"allow_state_change{why}: {len(new_arrays) - len(plan.initialise)} of "
+            f"{len(new_arrays)} arrays restored; initialised as a fresh run would: {fresh}"
+            f"{dropped}"
+        )
+    if plan.restart_loss_scale:
+        scale = LossScale.create(run.policy.loss_scaling)
+        state = state.replace(loss_scale=jax.device_put(scale, run.shardings.loss_scale))
+        say(f"precision changed: the loss scale restarts at {float(scale.scale):g}")
+    if plan.honoured:
+        say(f"resuming with changed settings, from step {step + 1} on: {', '.join(plan.honoured)}")
+    say(
+        f"resumed from {checkpointer.directory / str(step)} (step {step}, saved on "
+        f"{meta.get('num_devices', '?')} device(s), now {run.mesh.size})"
+    )
+    return state
+
+
+def _groups(names: list[str]) -> str:
+    """'opt_state.backbone (59 arrays), loss_state (2 arrays)': where the names lie."""
+    counts: dict[str, int] = {}
+    for name in names:
+        group = ".".join(name.split(".")[:2])
+        counts[group] = counts.get(group, 0) + 1
+    return ", ".join(f"{g} ({n} array{'s' * (n > 1)})" for g, n in counts.items())
 
 
 def _init_backbone_from(run: Run, state):
