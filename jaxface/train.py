@@ -233,7 +233,7 @@ def _restore_or_init(run: Run, checkpoint_dir: Path, stream: dict, say):
     if cfg.resume:
         checkpointer = Checkpointer(checkpoint_dir, cfg.keep_checkpoints)
         try:
-            state = _resume(run, checkpointer, stream, say)
+            state = resume_state(run, checkpointer, stream, say)
         except BaseException:
             checkpointer.close()
             raise
@@ -253,7 +253,7 @@ def _restore_or_init(run: Run, checkpoint_dir: Path, stream: dict, say):
     return state, checkpointer
 
 
-def _resume(run: Run, checkpointer: Checkpointer, stream: dict, say):
+def resume_state(run: Run, checkpointer: Checkpointer, stream: dict, say):
     """The state of the newest usable checkpoint, after `jaxface.resume.plan_resume` has
     checked the config change against it; says what the resume changes."""
     cfg, new_arrays = run.cfg, array_specs(run.abstract_state)

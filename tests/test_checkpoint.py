@@ -14,7 +14,7 @@ import pytest
 from jaxface import eval as eval_cli
 from jaxface import plot as plot_cli
 from jaxface.checkpoint import Checkpointer, CheckpointError
-from jaxface.config import DENSE_ROW_ALIGN, load_config
+from jaxface.config import DENSE_ROW_ALIGN, ConfigError, load_config
 from jaxface.train import train
 from jaxface.weights import load_torch_state_dict, load_weights
 
@@ -37,7 +37,9 @@ def _losses(summary):
 
 
 def test_resume_continues_exactly_and_on_fewer_devices(repo, tmp_path):
-    common = dict(sync_bn=True, global_batch_size=32)
+    # 4,000 classes fill every device's block (500 of 512 rows on 8 devices, 1,000 of 1,024
+    # on 4), so re-sharding moves real rows between devices.
+    common = dict(sync_bn=True, global_batch_size=32, num_classes=4000, num_image=8000)
     full = _losses(train(_cfg(repo, tmp_path / "full", max_steps=6, **common)))
 
     part = tmp_path / "part"
@@ -50,12 +52,12 @@ def test_resume_continues_exactly_and_on_fewer_devices(repo, tmp_path):
     assert _losses(resumed) == {s: full[s] for s in (4, 5, 6)}  # bit for bit
     assert int(resumed["state"].step) == 6
 
-    # Saved on 8 devices (head padded to 8 x 512 rows), continued on 4 (4 x 512): the head
-    # is re-sharded. Statistics over the whole batch make the two runs the same computation.
+    # Saved on 8 devices (8 x 512 rows), continued on 4 (4 x 1,024): the head is re-sharded.
+    # Statistics over the whole batch make the two runs the same computation.
     on_four = train(
         _cfg(repo, tmp_path / "part4", max_steps=6, resume=True, num_devices=4, **common)
     )
-    assert on_four["state"].params["head"]["centres"].shape == (4 * DENSE_ROW_ALIGN, 32)
+    assert on_four["state"].params["head"]["centres"].shape == (4 * 2 * DENSE_ROW_ALIGN, 32)
     for step, loss in _losses(on_four).items():
         assert loss == pytest.approx(full[step], rel=1e-4)
 
@@ -77,7 +79,7 @@ def test_interrupted_save_is_ignored_and_mismatches_are_refused(repo, tmp_path):
         ("embedding_size", 16, "written for embedding_size=32"),
         ("network", "r18", "written for network='iresnet_tiny', but the config says network='r18'"),
     ]:
-        with pytest.raises(CheckpointError, match=message):
+        with pytest.raises(ConfigError, match=message):
             train(_cfg(repo, out, max_steps=8, resume=True, **{key: value}))
 
     with pytest.raises(CheckpointError, match="holds no checkpoint; start without"):
