@@ -54,6 +54,17 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
     return jax.tree_util.tree_map_with_path(spec, abstract_state)
 
 
+def optimizer_count(opt_state, default):
+    """The updates the optimizer has applied (its schedule's count: optax's `count`
+    leaves, all equal), or `default` for an optimizer without one."""
+    counts = [
+        leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+        if getattr(path[-1], "name", None) == "count"
+    ]
+    return counts[0] if counts else default
+
+
 def make_init_fn(
     model: IResNet,
     tx: optax.GradientTransformation,
@@ -256,7 +267,9 @@ def make_train_step(
         params, opt_state = apply_updates(state, grads, class_ids, finite)
         metrics = {
             "loss": loss,
-            "lr": schedule(state.step),
+            # The rate this update used: the optimizer's own count, which a skipped fp16
+            # step does not advance (the step counter does).
+            "lr": schedule(optimizer_count(state.opt_state, state.step)),
             "backbone_grad_norm": global_norm(grads["backbone"]),
             "loss_scale": scale,
             "grads_finite": finite,

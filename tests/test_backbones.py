@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jax_train_step, rel_err
+from conftest import random_images as images
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.torch]
@@ -21,15 +23,15 @@ from jaxface.convert import flax_to_torch, torch_to_flax  # noqa: E402
 from jaxface.fileio import ConvertError  # noqa: E402
 from jaxface.head_shards import pad_centres  # noqa: E402
 from jaxface.heads import margin_from_config  # noqa: E402
-from jaxface.mesh import batch_sharding, class_sharding, make_mesh  # noqa: E402
+from jaxface.mesh import make_mesh  # noqa: E402
 from jaxface.models import get_model as jax_model  # noqa: E402
 from jaxface.models import normalize_images as jax_normalize  # noqa: E402
 from jaxface.models.mobilefacenet import MobileFaceNet  # noqa: E402
 from jaxface.models.names import MOBILEFACENETS, VITS  # noqa: E402
 from jaxface.models.vit import drop_path_rates  # noqa: E402
 from jaxface.optim import make_optimizer  # noqa: E402
-from jaxface.precision import LossScale, Policy  # noqa: E402
-from jaxface.step import TrainState, make_train_step  # noqa: E402
+from jaxface.precision import Policy  # noqa: E402
+from jaxface.step import make_train_step  # noqa: E402
 from jaxface.weights import load_backbone  # noqa: E402
 from torchref import engine  # noqa: E402
 from torchref.iresnet import normalize_images as torch_normalize  # noqa: E402
@@ -62,11 +64,6 @@ def _highest_precision():
         yield
 
 
-def rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
 def _count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -91,10 +88,6 @@ def randomised(network: str, seed: int = 0, embedding_size: int = 512, **overrid
             elif value.ndim == 1 and key.endswith("weight"):  # BN/LN scales, PReLU slopes
                 value.uniform_(0.0, 0.5) if "layers.2." in key else value.uniform_(0.5, 1.5)
     return model
-
-
-def images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 112, 112, 3), dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------- architecture
@@ -179,31 +172,6 @@ def test_same_embeddings_eval_and_train(network):
     assert max(rel_err(flatten_dict(stats)[k], ref[k]) for k in ref) > 1e-3  # they moved
 
 
-def _jax_step(cfg, derived, model, params, stats, centres, batch, labels):
-    mesh = make_mesh(1)
-    tx, schedule = make_optimizer(cfg, derived)
-    all_params = {"backbone": params, "head": {"centres": centres}}
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=all_params,
-        batch_stats=stats,
-        opt_state=tx.init(all_params),
-        rng=jax.random.key_data(jax.random.key(0)),
-        loss_scale=LossScale.create(False),
-    )
-    state = state.replace(
-        params={**state.params, "head": {"centres": jax.device_put(centres, class_sharding(mesh))}}
-    )
-    step = jax.jit(
-        make_train_step(model, tx, schedule, margin_from_config(cfg), cfg.num_classes, mesh)
-    )
-    args = (state, jax.device_put(batch, batch_sharding(mesh)), jax.device_put(labels))
-    # Default LLVM level, not conftest's -O0 (see tests/test_torchref_parity.py).
-    compiled = step.lower(*args).compile(compiler_options={"xla_backend_optimization_level": 2})
-    new, metrics = compiled(*args)
-    return jax.device_get(new), float(metrics["loss"])
-
-
 STEP_CONFIGS = {
     # arcface_torch's mbf recipe (SGD, CosFace) and its ViT one (AdamW, wd 0.1), with smaller
     # learning rates: float32 rounding of the step (see below) shows in the weights in
@@ -238,9 +206,10 @@ def test_one_training_step_matches(repo, network, monkeypatch):
     ref = reference_step(cfg, derived, state_dict, centres, batch, labels, 1)
     params, stats = torch_to_flax(state_dict, network)
     flax_model = jax_model(network, embedding_size=32, **overrides)
-    new, loss = _jax_step(
-        cfg, derived, flax_model, params, stats, pad_centres(centres, num_classes, 1), batch, labels
-    )
+    new, loss = jax_train_step(
+        cfg, derived, flax_model, params, stats, pad_centres(centres, num_classes, 1), batch,
+        labels, make_mesh(1),
+    )  # fmt: skip
 
     assert abs(loss - ref["loss"]) / abs(ref["loss"]) <= 1e-5
     got = flax_to_torch(new.params["backbone"], new.batch_stats, network)

@@ -12,6 +12,7 @@ from compare.flops import (
     mobilefacenet_counts,
     train_flops_per_image,
 )
+from jaxface.config import derive, load_config
 
 TINY = ["--config", "configs/demo.py", "--steps", "2", "--warmup", "1",
         "--config.num_classes=20", "--config.embedding_size=16"]  # fmt: skip
@@ -150,21 +151,26 @@ def test_profile_writes_hlo_trace_and_numbers(repo, tmp_path, monkeypatch, capsy
 
 @pytest.mark.slow
 @pytest.mark.torch
-def test_a_repeated_batch_does_not_slow_torch_down(repo, tmp_path, monkeypatch, capsys):
-    """One batch repeated is learnt by heart: the loss falls towards 0 and, unless denormal
-    numbers are flushed as XLA does, PyTorch's CPU kernels slow down several times (3 against
-    114 samples/s once measured). With flushing, a pool of 1 and of 8 run alike."""
+def test_a_repeated_batch_is_learnt_with_denormals_flushed(repo, tmp_path, monkeypatch):
+    """One batch repeated is learnt by heart and fills torch with denormal numbers, on which
+    its CPU kernels slow down unless they are flushed as XLA does. The flushing is checked
+    by its effect (a denormal reads back as 0 once torchref is set up); how much it matters
+    for speed is a benchmark (python -m compare.denormals), not a timed test."""
+    import torch
+
+    from torchref import engine
+
     monkeypatch.chdir(repo)
-    rates = {}
-    for pool in (1, 8):
-        out = tmp_path / f"pool{pool}"
-        args = [*TINY, "--frameworks", "torch", "--precision", "fp32", "--batch", "8",
-                "--steps", "60", "--warmup", "60", "--pool", str(pool)]  # fmt: skip
-        args += ["--out", str(out)]
-        assert cli.main(args) == 0
-        result = json.loads((out / "results.json").read_text())
-        (row,) = [r for r in result["rows"] if r["flavour"] == "stock"]
-        rates[pool] = (row["samples_per_s"], row["loss"])
-        assert "denormal numbers flushed to zero" in (out / "table.md").read_text()
-    assert rates[1][1] < 0.5 * rates[8][1]  # the repeated batch really was learnt
-    assert 0.5 < rates[1][0] / rates[8][0] < 2.0, rates
+    out = tmp_path / "pool1"
+    args = [*TINY, "--frameworks", "torch", "--precision", "fp32", "--batch", "8",
+            "--steps", "60", "--warmup", "60", "--pool", "1", "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    (row,) = [r for r in json.loads((out / "results.json").read_text())["rows"]
+              if r["flavour"] == "stock"]  # fmt: skip
+    assert row["loss"] < 1.0  # the repeated batch really was learnt
+    assert "denormal numbers flushed to zero" in (out / "table.md").read_text()
+    torch.set_flush_denormal(False)
+    assert torch.tensor([1e-40]).item() != 0.0  # this CPU keeps denormals by default
+    cfg = load_config(repo / "configs/demo.py", {"num_classes": "20", "embedding_size": "16"})
+    engine.build(cfg, derive(cfg, 1), engine.Options(), torch.device("cpu"))
+    assert torch.tensor([1e-40]).item() == 0.0

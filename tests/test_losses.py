@@ -418,7 +418,9 @@ STEP_LOSSES = {
 @pytest.mark.parametrize("name", list(STEP_LOSSES))
 def test_one_training_step_matches_torchref(repo, name, grad):
     torch = pytest.importorskip("torch")
-    from test_torchref_parity import images, randomised, rel_err
+    from conftest import random_images as images
+    from conftest import rel_err
+    from test_torchref_parity import randomised
 
     from jaxface.config import derive
     from jaxface.convert import flax_to_torch, torch_to_flax

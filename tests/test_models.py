@@ -119,7 +119,7 @@ def test_batchnorm_has_pytorch_statistics():
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_batchnorm_gradient_is_autodiff_of_the_two_pass_form(groups, dtype):
-    """The closed-form backward (and one-pass statistics, shifted by the running mean)
+    """The closed-form backward (and one-pass statistics, shifted by a sample of the batch)
     against autodiff of the textbook two-pass BatchNorm."""
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(1.5, 2.0, (4, 3, 3, 6)), dtype)

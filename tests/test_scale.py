@@ -124,15 +124,18 @@ def test_fp16_overflow_skips_the_update_and_halves_the_scale(repo):
     # An injected overflow: a scale so large that the scaled gradients are infinite.
     state = state.replace(loss_scale=LossScale(jnp.float32(3e38), jnp.int32(5)))
     before = jax.device_get(state.params)
+    state = state.replace(step=jnp.int32(5))  # the step counter ahead of the optimizer's
     new, metrics = step(state, images, labels)
     assert not bool(metrics["grads_finite"])
+    # The lr logged is the one the optimizer used: its count (0), not the step counter (5).
+    assert float(metrics["lr"]) == pytest.approx(float(schedule(0)))
     assert float(new.loss_scale.scale) == pytest.approx(1.5e38)
-    assert int(new.loss_scale.good_steps) == 0 and int(new.step) == 1
+    assert int(new.loss_scale.good_steps) == 0 and int(new.step) == 6
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(new.params), strict=True):
         np.testing.assert_array_equal(a, b)
     # A finite step updates and counts towards growth. (At the initial 2**16 this tiny
     # model's fp16 backward overflows, and GradScaler would halve its way down, as here.)
-    ok = state.replace(loss_scale=LossScale(jnp.float32(256.0), jnp.int32(0)))
+    ok = state.replace(step=jnp.int32(0), loss_scale=LossScale(jnp.float32(256.0), jnp.int32(0)))
     new, metrics = step(ok, images, labels)
     assert bool(metrics["grads_finite"]) and int(new.loss_scale.good_steps) == 1
     assert not np.array_equal(

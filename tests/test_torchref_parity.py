@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jax_train_step, rel_err
+from conftest import random_images as images
 
 torch = pytest.importorskip("torch")
 
@@ -15,13 +17,9 @@ from flax.traverse_util import flatten_dict  # noqa: E402
 from jaxface.config import derive, load_config  # noqa: E402
 from jaxface.convert import flax_to_torch, torch_to_flax  # noqa: E402
 from jaxface.head_shards import pad_centres  # noqa: E402
-from jaxface.heads import margin_from_config  # noqa: E402
-from jaxface.mesh import batch_sharding, class_sharding, make_mesh  # noqa: E402
+from jaxface.mesh import make_mesh  # noqa: E402
 from jaxface.models import get_model as jax_model  # noqa: E402
 from jaxface.models import normalize_images as jax_normalize  # noqa: E402
-from jaxface.optim import make_optimizer  # noqa: E402
-from jaxface.precision import LossScale  # noqa: E402
-from jaxface.step import TrainState, make_train_step  # noqa: E402
 from torchref import get_model as torch_model  # noqa: E402
 from torchref.iresnet import normalize_images as torch_normalize  # noqa: E402
 from torchref.parity import reference_step  # noqa: E402
@@ -34,11 +32,6 @@ def _highest_precision():
     torch.set_float32_matmul_precision("highest")
     with jax.default_matmul_precision("highest"):
         yield
-
-
-def rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 def randomised(network: str, seed: int = 0, embedding_size: int = 512):
@@ -56,10 +49,6 @@ def randomised(network: str, seed: int = 0, embedding_size: int = 512):
                 value.uniform_(0.2, 1.2) if "prelu" not in key else value.uniform_(0.0, 0.5)
         model.features.weight.fill_(1.0)  # frozen at 1 in arcface_torch
     return model
-
-
-def images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 112, 112, 3), dtype=np.uint8)
 
 
 @pytest.mark.parametrize("network", ["r18", "r50"])
@@ -97,35 +86,6 @@ def test_same_embeddings_eval_and_train(network):
     assert rel_err(flatten_dict(stats)[("bn2", "var")], ref[("bn2", "var")]) > 1e-3
 
 
-def _jax_step(cfg, derived, params, stats, centres, batch, labels, num_devices):
-    mesh = make_mesh(num_devices)
-    model = jax_model(cfg.network, embedding_size=cfg.embedding_size, bn_groups=num_devices)
-    tx, schedule = make_optimizer(cfg, derived)
-    all_params = {"backbone": params, "head": {"centres": centres}}
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=all_params,
-        batch_stats=stats,
-        opt_state=tx.init(all_params),
-        rng=jax.random.key_data(jax.random.key(0)),
-        loss_scale=LossScale.create(False),
-    )
-    state = state.replace(
-        params={**state.params, "head": {"centres": jax.device_put(centres, class_sharding(mesh))}}
-    )
-    step = jax.jit(
-        make_train_step(model, tx, schedule, margin_from_config(cfg), cfg.num_classes, mesh)
-    )
-    sharding = batch_sharding(mesh)
-    args = (state, jax.device_put(batch, sharding), jax.device_put(labels, sharding))
-    # conftest compiles at LLVM -O0 for speed; that changes float32 reduction order enough
-    # to move the first layers' gradients by ~1e-3 relative (measured against a float64
-    # torch run), so this step is compiled at the default level.
-    compiled = step.lower(*args).compile(compiler_options={"xla_backend_optimization_level": 2})
-    new, metrics = compiled(*args)
-    return jax.device_get(new), float(metrics["loss"])
-
-
 @pytest.mark.parametrize("num_devices", [1, 2])
 def test_one_training_step_matches(repo, num_devices):
     """Backbone, head, margin, SGD with weight decay and momentum, backbone clipping."""
@@ -146,9 +106,10 @@ def test_one_training_step_matches(repo, num_devices):
 
     ref = reference_step(cfg, derived, state_dict, centres, batch, labels, num_devices)
     params, stats = torch_to_flax(state_dict, cfg.network)
-    new, loss = _jax_step(
-        cfg, derived, params, stats, pad_centres(centres, num_classes, num_devices), batch,
-        labels, num_devices,
+    model = jax_model(cfg.network, embedding_size=cfg.embedding_size, bn_groups=num_devices)
+    new, loss = jax_train_step(
+        cfg, derived, model, params, stats, pad_centres(centres, num_classes, num_devices),
+        batch, labels, make_mesh(num_devices),
     )  # fmt: skip
 
     assert abs(loss - ref["loss"]) / abs(ref["loss"]) <= 1e-5

@@ -1,7 +1,9 @@
 """Class-sharded margin softmax (Partial FC) with jax.shard_map.
 
-Every device owns a contiguous block of `num_local = ceil(C / D)` class centres; the centre
-matrix is padded to D * num_local rows, and padded rows are masked out of the softmax.
+Every device owns a contiguous block of `num_local` class centres (class c is row c):
+`jaxface.config.class_rows_per_device`, ceil(C / D) rounded up to 512 rows for a dense
+head. The centre matrix is padded to D * num_local rows, and padded rows are masked out of
+the softmax.
 
 One step of the head, in three public pieces:
 1. `sample_class_ids`: which rows of its block each device scores. With sampling
