@@ -63,11 +63,12 @@ def _memory(memory) -> dict:
 
 def profile_target(args, cfg) -> int:
     """Compile the step for a GPU this machine does not have and read the program."""
-    from jaxface import gpu_target, hlo_stats
+    from jaxface import collectives, gpu_target, hlo_stats
     from jaxface.setup import build
 
     target = gpu_target.load_target(args.target)
-    mesh = gpu_target.mesh(target, args.devices)  # checks the plugin and the spec first
+    # Checks the plugin, the spec and the host split first.
+    mesh = gpu_target.mesh(target, args.devices, args.hosts)
     compute, tf32, _, _ = COLUMNS[args.precision]
     cfg = cfg.replace(precision=compute, tf32=tf32, batch_size=args.batch)
     run = build(cfg, mesh)
@@ -80,14 +81,21 @@ def profile_target(args, cfg) -> int:
     (out / "step.hlo.txt").write_text(hlo)
     peaks = target.peaks
     stats = hlo_stats.analyse(hlo, peaks)
-    numbers = hlo_stats.summary(stats, peaks, run.derived.global_batch, args.launch_us)
+    found, last_conv = collectives.analyse(hlo, peaks, args.devices)
+    link = collectives.link_bytes_per_s(target.name, args.hosts, args.network_gbps)
+    comm = collectives.summary(found, last_conv, link)
+    numbers = hlo_stats.summary(
+        stats, peaks, run.derived.global_batch, args.launch_us, comm["exposed_ms"] / 1e3
+    )
     memory = _memory(compiled.memory_analysis())
     model_flops = run.derived.global_batch * train_flops_per_image(
         cfg.network, cfg.num_classes, cfg.embedding_size, cfg.sample_rate
     )
     summary = {
         "target": target.name,
-        "device": f"{args.devices} x {target.device_name} (compile-only)",
+        "device": f"{args.devices} x {target.device_name} (compile-only)"
+        + (f" on {args.hosts} hosts" if args.hosts > 1 else ""),
+        "units": "per device, except global_batch and estimated_samples_per_s (all devices)",
         "estimate": "compile-time: no autotuning, nothing run or timed",
         "config": args.config,
         "network": cfg.network,
@@ -98,6 +106,7 @@ def profile_target(args, cfg) -> int:
         "model_flops_per_step": model_flops,
         **numbers,
         "memory": memory,
+        "communication": comm,
         "largest_kernels": [
             {"name": k.name, "kind": k.kind, "bytes": k.bytes, "times": k.times}
             for k in stats.largest(10)
@@ -113,8 +122,11 @@ def profile_target(args, cfg) -> int:
     )
     for line in hlo_stats.format_summary(numbers, goal):
         print(line)
+    if found:
+        for line in collectives.format_table(comm):
+            print(line)
     print(
-        f"model {model_flops / 1e12:.2f} TFLOP/step\n"
+        f"model {model_flops / args.devices / 1e12:.2f} TFLOP/step per device\n"
         f"memory per device: arguments {memory['arguments'] / gib:.2f} GiB, temporaries "
         f"{memory['temporaries'] / gib:.2f} GiB, peak {memory['peak'] / gib:.2f} GiB of "
         f"{(target.memory_bytes or 0) / gib:.0f} GiB\n"
@@ -130,7 +142,16 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=128, help="per device")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--trace-steps", type=int, default=5)
-    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--devices", type=int, default=1, help="in all")
+    parser.add_argument(
+        "--hosts", type=int, default=1, help="with --target: the devices split over this many hosts"
+    )
+    parser.add_argument(
+        "--network-gbps",
+        type=float,
+        default=400.0,
+        help="with --target and --hosts > 1: each GPU's network bandwidth, Gb/s (400)",
+    )
     parser.add_argument("--out", default="work_dirs/profile")
     parser.add_argument(
         "--target",

@@ -113,8 +113,14 @@ def plugin_installed() -> bool:
         return False
 
 
-def devices(target: Target, num_devices: int = 1) -> list:
-    """`num_devices` compile-only devices of the target (one host)."""
+def devices(target: Target, num_devices: int = 1, hosts: int = 1) -> list:
+    """`num_devices` compile-only devices of the target, on `hosts` hosts of
+    num_devices / hosts each."""
+    if hosts < 1 or num_devices % hosts:
+        raise TargetError(
+            f"--devices {num_devices} cannot be split over --hosts {hosts}: give a device "
+            "count that is a multiple of the host count"
+        )
     if not plugin_installed():
         raise TargetError(
             f"compiling for {target.name} needs the CUDA plugin and compiler: "
@@ -126,7 +132,9 @@ def devices(target: Target, num_devices: int = 1) -> list:
     try:
         with _stderr_to(tempfile.TemporaryFile(mode="w+")) as log:
             topo = topologies.get_topology_desc(
-                platform="cuda", topology=f"1x1x{num_devices}", target_config=target.spec
+                platform="cuda",
+                topology=f"{hosts}x1x{num_devices // hosts}",
+                target_config=target.spec,
             )
     except Exception as exc:  # noqa: BLE001 - jaxlib's own error type varies by version
         log.seek(0)
@@ -137,14 +145,14 @@ def devices(target: Target, num_devices: int = 1) -> list:
     return list(topo.devices)
 
 
-def mesh(target: Target, num_devices: int = 1):
-    """The trainer's 1-D mesh, over compile-only devices of `target`."""
+def mesh(target: Target, num_devices: int = 1, hosts: int = 1):
+    """The trainer's 1-D mesh, over compile-only devices of `target` on `hosts` hosts."""
     import numpy as np
     from jax.sharding import Mesh
 
     from jaxface.mesh import DATA_AXIS
 
-    return Mesh(np.array(devices(target, num_devices)), (DATA_AXIS,))
+    return Mesh(np.array(devices(target, num_devices, hosts)), (DATA_AXIS,))
 
 
 def _parse_error(log: str) -> str | None:

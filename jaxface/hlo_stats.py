@@ -544,11 +544,18 @@ def _branch_list(inst: Instruction) -> str:
     )
 
 
-def summary(stats: Stats, peaks: Peaks, global_batch: int, overhead_us: float = 0.0) -> dict:
-    """The numbers `compare.profile --target` prints and writes, as one dict."""
+def summary(
+    stats: Stats,
+    peaks: Peaks,
+    global_batch: int,
+    overhead_us: float = 0.0,
+    exposed_comm_s: float = 0.0,
+) -> dict:
+    """The numbers `compare.profile --target` prints and writes, as one dict.
+    `exposed_comm_s`: communication not hidden behind compute (jaxface.collectives)."""
     roofline = stats.roofline_s(peaks)
     launch = stats.count() * overhead_us * 1e-6
-    step = roofline + launch
+    step = roofline + launch + exposed_comm_s
     return {
         "kernels": stats.count(),
         "kernels_by_kind": stats.by_kind(),
@@ -557,6 +564,7 @@ def summary(stats: Stats, peaks: Peaks, global_batch: int, overhead_us: float = 
         "matmul_conv_flops": stats.flops(),
         "roofline_ms": 1e3 * roofline,
         "overhead_us_per_kernel": overhead_us,
+        "exposed_comm_ms": 1e3 * exposed_comm_s,
         "estimated_ms": 1e3 * step,
         "estimated_samples_per_s": global_batch / step if step else None,
         "unknown_trip_counts": stats.unknown_trip_counts,
@@ -577,11 +585,12 @@ def format_summary(s: dict, goal_samples_per_s: float | None = None) -> list[str
     ]
     rate = s["estimated_samples_per_s"]
     goal = f" (goal {goal_samples_per_s:,.0f})" if goal_samples_per_s else ""
-    overhead = (
-        f" with {s['overhead_us_per_kernel']:g} us per kernel launch"
-        if s["overhead_us_per_kernel"]
-        else ""
-    )
+    extras = []
+    if s["overhead_us_per_kernel"]:
+        extras.append(f"{s['overhead_us_per_kernel']:g} us per kernel launch")
+    if s.get("exposed_comm_ms"):
+        extras.append(f"{s['exposed_comm_ms']:.2f} ms of exposed communication")
+    overhead = f" with {' and '.join(extras)}" if extras else ""
     lines.append(
         f"predicted{overhead}: {s['estimated_ms']:.2f} ms/step, {rate:,.0f} samples/s{goal}"
         if rate
