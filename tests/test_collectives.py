@@ -66,3 +66,20 @@ def test_collectives_bytes_wire_overlap_and_gradient_share():
 def test_link_bandwidth_nvlink_on_one_host_network_across_hosts():
     assert collectives.link_bytes_per_s("h200", 1, 400) == 450e9
     assert collectives.link_bytes_per_s("h200", 2, 400) == 50e9  # 400 Gb/s
+
+
+def test_the_step_gets_the_collective_overlap_option_on_several_gpus_only():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from jaxface.setup import GPU_STEP_OPTIONS, step_compiler_options
+
+    def mesh(platform, n):
+        devices = np.array([SimpleNamespace(platform=platform)] * n)
+        return SimpleNamespace(devices=devices, size=n)
+
+    assert step_compiler_options(mesh("cuda", 8)) == GPU_STEP_OPTIONS
+    assert step_compiler_options(mesh("gpu", 2)) == GPU_STEP_OPTIONS
+    assert step_compiler_options(mesh("cuda", 1)) is None  # nothing to overlap
+    assert step_compiler_options(mesh("cpu", 8)) is None  # CPU runs and tests untouched
