@@ -144,6 +144,7 @@ class Instruction:
     opcode: str
     operands: list[str]
     attrs: str  # everything after the operand list
+    index: int | None = None  # a parameter's number
 
     def attr(self, key: str) -> str | None:
         m = re.search(rf"\b{key}=(%?[\w.\-$]+)", self.attrs)
@@ -298,7 +299,11 @@ def _parse_instruction(line: str) -> Instruction | None:
         return None
     close = _matching(rest, op.end() - 1)
     operands = re.findall(r"%([\w.\-]+)", rest[op.end() : close - 1])
-    return Instruction(name, shape, op.group(1), operands, rest[close:])
+    index = None
+    if op.group(1) == "parameter":
+        number = rest[op.end() : close - 1].strip()
+        index = int(number) if number.isdigit() else None
+    return Instruction(name, shape, op.group(1), operands, rest[close:], index)
 
 
 def parse(text: str) -> dict[str, Computation]:
@@ -410,20 +415,61 @@ def _operand_bytes(inst: Instruction, comp: Computation, comps: dict[str, Comput
     of an operand: a split of a flat vector into parts reads each part, not the whole vector
     once per part."""
     cap = None
-    if inst.opcode == "fusion" and inst.attr("kind") == "kLoop":
-        fused = comps.get(inst.attr("calls") or "")
-        if fused is not None and not any(i.opcode in _MANY_TO_ONE for i in fused.instructions):
-            cap = _array_elements(inst.shape)
+    fused = comps.get(inst.attr("calls") or "") if inst.opcode == "fusion" else None
+    touched = _touched_rows(fused) if fused is not None else {}
+    # A gather reads one operand element per output element, as an elementwise loop does.
+    elementwise = fused is not None and (
+        inst.attr("kind") == "kLoop" or any(i.opcode == "gather" for i in fused.instructions)
+    )
+    if elementwise and not any(i.opcode in _MANY_TO_ONE for i in fused.instructions):
+        cap = _array_elements(inst.shape)
     total = 0.0
-    for name in inst.operands:
+    for number, name in enumerate(inst.operands):
         if name in comp.by_name:
             shape = comp.by_name[name].shape
             full = shape_bytes(shape)
             elements = _array_elements(shape)
             if cap is not None and elements > cap:
                 full *= cap / elements
-            total += full
+            total += min(full, touched.get(number, full))
     return total
+
+
+def _touched_rows(fused: Computation) -> dict[int, float]:
+    """Fusion parameters (by number) read only through gathers, or written only through
+    scatters: the bytes each really moves (the gathered rows; the scattered updates), not
+    its whole size. A Partial FC head gathers and updates a tenth of a 2.56 GB block."""
+    users: dict[str, list[tuple[Instruction, int]]] = {}
+    for inst in fused.instructions:
+        for position, name in enumerate(inst.operands):
+            users.setdefault(name, []).append((inst, position))
+    touched = {}
+    for param in fused.instructions:
+        if param.opcode != "parameter" or param.index is None:
+            continue
+        uses = users.get(param.name, [])
+        if uses and all(u.opcode == "gather" and pos == 0 for u, pos in uses):
+            touched[param.index] = sum(shape_bytes(u.shape) for u, _ in uses)
+        elif uses and all(u.opcode == "scatter" and pos == 0 for u, pos in uses):
+            # scatter(operand, indices, updates): the rows of the updates
+            touched[param.index] = sum(
+                shape_bytes(fused.by_name[u.operands[-1]].shape)
+                for u, _ in uses
+                if u.operands[-1] in fused.by_name
+            )
+    return touched
+
+
+def scatter_written_bytes(inst: Instruction, comps: dict[str, Computation]) -> float | None:
+    """Bytes a fusion whose result is a scatter writes: the rows its updates cover (the
+    rest of the buffer is updated in place, untouched); None for any other kernel."""
+    fused = comps.get(inst.attr("calls") or "") if inst.opcode == "fusion" else None
+    if fused is None or not fused.instructions:
+        return None
+    root = fused.instructions[-1]
+    if root.opcode != "scatter" or root.operands[-1] not in fused.by_name:
+        return None
+    return shape_bytes(fused.by_name[root.operands[-1]].shape)
 
 
 def _array_elements(shape: str) -> int:
@@ -529,9 +575,10 @@ def _walk(comp, comps, times, stats, peaks, depth):
                 stats.kernels.extend(best.kernels)
             continue
         kind, flops, dtype = _kernel(inst, comp, comps)
-        traffic = _operand_bytes(inst, comp, comps) + shape_bytes(inst.shape)
+        written = scatter_written_bytes(inst, comps)
+        written = shape_bytes(inst.shape) if written is None else written
+        traffic = _operand_bytes(inst, comp, comps) + written
         peak = peaks.flops_for(dtype) if peaks else 0.0
-        written = shape_bytes(inst.shape)
         stats.kernels.append(Kernel(kind, inst.name, traffic, flops, times, peak, written))
 
 

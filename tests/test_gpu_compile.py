@@ -267,3 +267,50 @@ def test_plan_uses_the_gpu_buffer_assignment(repo):
     cfg = load_config(repo / "configs/demo.py", {"batch_size": "2", "num_classes": "1000"})
     mem = step_memory(cfg, 2, gpu_target.load_target("h200"))
     assert mem["temporaries"] > 0 and mem["peak"] >= mem["arguments"] > 0
+
+
+# A Partial FC head's step in miniature: gather 100 of 10,000 rows, then scatter-add 100
+# rows back into the block in place.
+GATHER_SCATTER = """HloModule jit_head, is_scheduled=true
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%fused_gather_reduce (param_0: f32[10000,64], param_1: s32[100,1]) -> f32[100] {
+  %param_0 = f32[10000,64]{1,0} parameter(0)
+  %param_1 = s32[100,1]{1,0} parameter(1)
+  %g = f32[100,64]{1,0} gather(%param_0, %param_1), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,64}
+  %z = f32[] constant(0)
+  ROOT %r = f32[100]{0} reduce(%g, %z), dimensions={1}, to_apply=%add
+}
+
+%fused_scatter (param_0.1: f32[10000,64], param_1.1: s32[100,1], param_2.1: f32[100,64]) -> f32[10000,64] {
+  %param_0.1 = f32[10000,64]{1,0} parameter(0)
+  %param_1.1 = s32[100,1]{1,0} parameter(1)
+  %param_2.1 = f32[100,64]{1,0} parameter(2)
+  ROOT %sc = f32[10000,64]{1,0} scatter(%param_0.1, %param_1.1, %param_2.1), update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add
+}
+
+ENTRY %main (w: f32[10000,64], i: s32[100,1], u: f32[100,64]) -> f32[10000,64] {
+  %w = f32[10000,64]{1,0} parameter(0)
+  %i = s32[100,1]{1,0} parameter(1)
+  %u = f32[100,64]{1,0} parameter(2)
+  %red = f32[100]{0} fusion(%w, %i), kind=kInput, calls=%fused_gather_reduce
+  ROOT %upd = f32[10000,64]{1,0} fusion(%w, %i, %u), kind=kInput, calls=%fused_scatter
+}
+"""
+
+
+def test_gathers_and_scatters_are_charged_the_rows_they_touch():
+    stats = hlo_stats.analyse(GATHER_SCATTER, PEAKS)
+    by_name = {k.name: k for k in stats.kernels}
+    rows, indices = 100 * 64 * 4, 100 * 4
+    # The gather reads 100 rows of the 2.56 MB block, not the block.
+    assert by_name["red"].bytes == rows + indices + 100 * 4
+    # The in-place scatter reads the indices and updates and writes 100 rows: the rest of
+    # the block is neither read nor written.
+    assert by_name["upd"].written == rows
+    assert by_name["upd"].bytes == rows + indices + rows + rows
