@@ -229,12 +229,17 @@ def test_one_training_step_matches(repo, network, monkeypatch):
             # noise of ~1e-9 into steps of up to lr on either side.
             assert np.abs(got[key] - expected).max() <= 2 * cfg.lr
             continue
-        assert rel_err(got[key], expected) <= 1e-4, key
+        # AdamW's first step is lr * g / |g|: where a gradient is rounding noise it steps
+        # +-lr either way (feature.2.weight: 2.1e-4 relative on one CPU). A wrong mapping
+        # is off by O(1).
+        assert rel_err(got[key], expected) <= (5e-4 if cfg.optimizer == "adamw" else 1e-4), key
         moved = expected - state_dict[key]
         if np.linalg.norm(moved) > 1e-4 * np.linalg.norm(expected):
             # float32's floor: torchref's own gradients at batch 4 differ from a float64 run
-            # by up to 1.7e-3 relative (BatchNorm over 4 samples amplifies rounding).
-            assert rel_err(got[key] - state_dict[key], moved) <= 5e-3, key
+            # by up to 1.7e-3 relative (BatchNorm over 4 samples amplifies rounding), and the
+            # two frameworks' float32 sums by up to 1.6e-2 on another CPU (mbf's biases and
+            # first depthwise weight, vit_t's patch embedding); a wrong mapping is off by O(1).
+            assert rel_err(got[key] - state_dict[key], moved) <= 3e-2, key
     assert rel_err(np.asarray(new.params["head"]["centres"]), ref["centres"]) <= 1e-4
 
 
