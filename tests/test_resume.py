@@ -284,3 +284,17 @@ def test_state_names_are_the_ones_orbax_records(checkpoints):
     run = build(cfg, make_mesh(1))
     saved = Checkpointer(checkpoints / "checkpoints", keep=3).saved_arrays(2)
     assert saved == array_specs(run.abstract_state)
+
+
+def test_a_failure_that_is_not_a_read_keeps_the_checkpoint(repo, checkpoints, monkeypatch):
+    """Memory exhausted while restoring says nothing about the files: the run stops
+    (exit 1) naming the checkpoint, which keeps its name; a read failure would move it."""
+    from jaxface.checkpoint import CheckpointError
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+
+    monkeypatch.setattr(Checkpointer, "_restore_state", exhausted)
+    with pytest.raises(CheckpointError, match=r"could not be restored \(its files are kept\)"):
+        _resume(repo, checkpoints, [])
+    assert _folders(checkpoints) == ["1", "2"]
