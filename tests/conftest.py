@@ -78,9 +78,11 @@ def random_images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 112, 112, 3), dtype=np.uint8)
 
 
-def jax_train_step(cfg, derived, model, params, stats, centres, batch, labels, mesh):
+def jax_train_step(cfg, derived, model, params, stats, centres, batch, labels, mesh, loss=None):
     """One jaxface training step (`make_train_step`, dense head) from the given weights, as
-    the parity tests compare it with torchref's: (new state on the host, loss)."""
+    the parity tests compare it with torchref's: (new state on the host, loss). `loss`: the
+    head's loss (default: the config's combined margin), with its initial running state."""
+    loss = margin_from_config(cfg) if loss is None else loss
     tx, schedule = make_optimizer(cfg, derived)
     all_params = {"backbone": params, "head": {"centres": centres}}
     state = TrainState(
@@ -90,18 +92,18 @@ def jax_train_step(cfg, derived, model, params, stats, centres, batch, labels, m
         opt_state=tx.init(all_params),
         rng=jax.random.key_data(jax.random.key(0)),
         loss_scale=LossScale.create(False),
+        loss_state=loss.init_state() if hasattr(loss, "init_state") else {},
     )
     state = state.replace(
         params={**state.params, "head": {"centres": jax.device_put(centres, class_sharding(mesh))}}
     )
-    step = jax.jit(
-        make_train_step(model, tx, schedule, margin_from_config(cfg), cfg.num_classes, mesh)
-    )
+    step = jax.jit(make_train_step(model, tx, schedule, loss, cfg.num_classes, mesh))
     sharding = batch_sharding(mesh)
     args = (state, jax.device_put(batch, sharding), jax.device_put(labels, sharding))
     # The -O0 above changes float32 reduction order enough to move the first layers'
     # gradients by ~1e-3 relative (measured against a float64 torch run), so this step is
     # compiled at the default level.
-    compiled = step.lower(*args).compile(compiler_options={"xla_backend_optimization_level": 2})
+    with jax.default_matmul_precision("highest"):
+        compiled = step.lower(*args).compile(compiler_options={"xla_backend_optimization_level": 2})
     new, metrics = compiled(*args)
     return jax.device_get(new), float(metrics["loss"])

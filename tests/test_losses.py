@@ -418,17 +418,14 @@ STEP_LOSSES = {
 @pytest.mark.parametrize("name", list(STEP_LOSSES))
 def test_one_training_step_matches_torchref(repo, name, grad):
     torch = pytest.importorskip("torch")
+    from conftest import jax_train_step, rel_err
     from conftest import random_images as images
-    from conftest import rel_err
     from test_torchref_parity import randomised
 
     from jaxface.config import derive
     from jaxface.convert import flax_to_torch, torch_to_flax
     from jaxface.heads import loss_from_config
     from jaxface.models import get_model as jax_model
-    from jaxface.optim import make_optimizer
-    from jaxface.precision import LossScale
-    from jaxface.step import TrainState, make_train_step
     from torchref.parity import reference_step
 
     torch.set_float32_matmul_precision("highest")
@@ -457,29 +454,13 @@ def test_one_training_step_matches_torchref(repo, name, grad):
 
     ref = reference_step(cfg, derived, state_dict, centres, batch, labels, 1, loss_draw=draw)
 
-    mesh = make_mesh(1)
     params, stats = torch_to_flax(state_dict, cfg.network)
-    tx, schedule = make_optimizer(cfg, derived)
-    all_params = {"backbone": params, "head": {"centres": centres}}
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=all_params,
-        batch_stats=stats,
-        opt_state=tx.init(all_params),
-        rng=jax.random.key_data(seed_key),
-        loss_scale=LossScale.create(False),
-        loss_state=loss.init_state(),
+    model = jax_model(cfg.network, embedding_size=32)
+    new, jax_loss = jax_train_step(
+        cfg, derived, model, params, stats, centres, batch, labels, make_mesh(1), loss=loss
     )
-    step = jax.jit(
-        make_train_step(jax_model(cfg.network, embedding_size=32), tx, schedule, loss,
-                        num_classes, mesh)
-    )  # fmt: skip
-    args = (state, jnp.asarray(batch), jnp.asarray(labels))
-    with jax.default_matmul_precision("highest"):
-        compiled = step.lower(*args).compile(compiler_options={"xla_backend_optimization_level": 2})
-    new, metrics = jax.device_get(compiled(*args))
 
-    assert abs(float(metrics["loss"]) - ref["loss"]) / abs(ref["loss"]) <= 1e-5
+    assert abs(jax_loss - ref["loss"]) / abs(ref["loss"]) <= 1e-5
     got = flax_to_torch(new.params["backbone"], new.batch_stats, cfg.network)
     for key, expected in ref["state_dict"].items():
         if not key.endswith("num_batches_tracked"):
