@@ -32,6 +32,9 @@ def get_config() -> dict:
         precision="fp32",  # fp32 | bf16 | fp16 (with dynamic loss scaling): the trunk's dtype
         tf32=True,  # float32 matmuls/convolutions on TF32 tensor cores (GPUs that have them)
         sync_bn=False,  # False: BatchNorm statistics per device (arcface_torch); True: global
+        # Gradients summed across devices in: fp32 (as DDP's default) | bf16 (half the bytes
+        # on the wire, for runs whose network is the bottleneck; docs/multi-gpu.md).
+        grad_reduce="fp32",
         # Margin softmax: target logit = cos(m1 * theta + m2) - m3, then times `scale`.
         margin_list=(1.0, 0.5, 0.0),  # ArcFace; (1.0, 0.0, 0.4) is CosFace
         scale=64.0,

@@ -1,5 +1,5 @@
 """python -m jaxface.plan --config configs/r50.py [--config.KEY=VALUE ...] --devices D
-       [--memory-gb G] [--target h200]
+       [--memory-gb G] [--target h200 [--hosts H]]
 
 Compiles the training step for a D-device mesh without allocating anything (the state and
 batch are abstract) and prints XLA's per-device memory analysis; with --memory-gb, also the
@@ -7,7 +7,8 @@ largest class count whose step fits that much device memory.
 
 --target GPU (h200, or a GpuTargetConfigProto .txtpb file) compiles for D compile-only
 devices of that GPU, so the numbers are the GPU compiler's own buffer assignment (cuDNN
-workspaces, GPU fusions); --memory-gb defaults to the GPU's memory. It needs
+workspaces, GPU fusions); --memory-gb defaults to the GPU's memory. --hosts H spreads the D
+devices over H hosts of D/H GPUs (the collectives then cross the network). It needs
 `pip install -e '.[gpu-compile]'`; without the plugin the plan falls back to the CPU
 stand-in below and says so.
 Without --target, D virtual CPU devices stand in for the accelerators: XLA:CPU's buffer
@@ -25,9 +26,10 @@ import sys
 GIB = 1024**3
 
 
-def step_memory(cfg, num_devices: int, target=None) -> dict[str, int]:
+def step_memory(cfg, num_devices: int, target=None, hosts: int = 1) -> dict[str, int]:
     """Per-device bytes of the compiled train step for `cfg` on `num_devices` devices: CPU
-    devices, or compile-only devices of `target` (a jaxface.gpu_target.Target)."""
+    devices, or compile-only devices of `target` (a jaxface.gpu_target.Target) on `hosts`
+    hosts."""
     # jax is imported here, not at the top: main() must set XLA_FLAGS (the virtual device
     # count) before jax first loads.
     from jaxface.mesh import make_mesh
@@ -36,7 +38,7 @@ def step_memory(cfg, num_devices: int, target=None) -> dict[str, int]:
     if target is not None:
         from jaxface import gpu_target
 
-        mesh = gpu_target.mesh(target, num_devices)
+        mesh = gpu_target.mesh(target, num_devices, hosts)
     else:
         mesh = make_mesh(num_devices)
     run = build(cfg, mesh)
@@ -55,11 +57,13 @@ def step_memory(cfg, num_devices: int, target=None) -> dict[str, int]:
     return out
 
 
-def largest_class_count(cfg, num_devices: int, memory_bytes: int, target=None) -> tuple[int, dict]:
+def largest_class_count(
+    cfg, num_devices: int, memory_bytes: int, target=None, hosts: int = 1
+) -> tuple[int, dict]:
     """Memory is affine in the class count: fit it from two compiles, check the answer."""
 
     def memory(classes):
-        return step_memory(cfg.replace(num_classes=classes), num_devices, target)
+        return step_memory(cfg.replace(num_classes=classes), num_devices, target, hosts)
 
     c0 = max(cfg.num_classes, 1000 * num_devices)
     c1 = 2 * c0
@@ -111,8 +115,14 @@ def _main(argv: list[str]) -> int:
     parser.add_argument(
         "--target", default=None, help="plan for this GPU (h200, or a spec .txtpb file)"
     )
+    parser.add_argument(
+        "--hosts", type=int, default=1, help="with --target: the devices split over this many hosts"
+    )
     args, rest = parser.parse_known_args(argv)
     from jaxface import gpu_target
+
+    if args.hosts != 1 and not args.target:
+        parser.error(f"--hosts {args.hosts} needs --target (the CPU stand-in has no hosts)")
 
     target = gpu_target.load_target(args.target) if args.target else None
     if target is not None and not gpu_target.plugin_installed():
@@ -137,8 +147,11 @@ def _main(argv: list[str]) -> int:
     from jaxface.config import derive, load_config, parse_overrides
 
     cfg = load_config(args.config, parse_overrides(rest))
-    mem = step_memory(cfg, args.devices, target)
+    hosts = args.hosts if target is not None else 1
+    mem = step_memory(cfg, args.devices, target, hosts)
     where = f" ({target.device_name}, compile-only)" if target is not None else ""
+    if hosts > 1:
+        where = f" on {hosts} hosts{where}"
     _print_memory(
         f"{cfg.network}, {cfg.num_classes:,} classes, sample_rate {cfg.sample_rate}, batch "
         f"{cfg.batch_size}/device, {cfg.precision}, {args.devices} devices{where}: per device",
@@ -148,7 +161,7 @@ def _main(argv: list[str]) -> int:
     if memory_bytes is None and args.target and memory_default:
         memory_bytes = memory_default
     if memory_bytes:
-        best, fit = largest_class_count(cfg, args.devices, memory_bytes, target)
+        best, fit = largest_class_count(cfg, args.devices, memory_bytes, target, hosts)
         print(
             f"largest class count within {memory_bytes / 1e9:g} GB per device: {best:,} "
             f"({fit['bytes_per_class'] * args.devices:,.0f} bytes per class over the mesh, "

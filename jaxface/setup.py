@@ -27,9 +27,13 @@ from jaxface.optim import make_optimizer
 from jaxface.precision import Policy, policy_from_config
 from jaxface.step import (
     TrainState,
+    device_state,
     make_embed_fn,
     make_init_fn,
     make_train_step,
+    model_params,
+    running_stats,
+    saved_state,
     state_shardings,
 )
 
@@ -46,9 +50,14 @@ class Run:
     tx: optax.GradientTransformation
     schedule: Callable
     margin: Margin | PerSampleLoss  # the head's loss (config key `loss`)
-    init: Callable  # seed -> TrainState (unjitted)
-    abstract_state: TrainState  # ShapeDtypeStructs carrying the shardings below
+    init: Callable  # seed -> TrainState as saved (unjitted)
+    # ShapeDtypeStructs carrying the shardings below, of the state as checkpoints hold it
+    # (one set of BatchNorm statistics: jaxface.step.saved_state)...
+    abstract_state: TrainState
     shardings: TrainState
+    # ... and as the train step holds it (the statistics per device: step.device_state).
+    step_abstract_state: TrainState
+    step_shardings: TrainState
     train_step: Callable  # jitted, state donated: (state, images, labels) -> (state, metrics)
     embed: Callable  # jitted: (backbone params, batch_stats, uint8 images) -> embeddings
 
@@ -60,9 +69,30 @@ class Run:
         return micro_batch_sharding(self.mesh)
 
     def init_state(self, seed: int | None = None) -> TrainState:
-        """The initial state, each leaf created where its sharding puts it."""
+        """The initial state as the step holds it, each leaf created where its sharding
+        puts it."""
         seed = self.cfg.seed if seed is None else seed
-        return jax.jit(self.init, out_shardings=self.shardings)(seed)
+        d = self.mesh.size
+        return jax.jit(lambda s: device_state(self.init(s), d), out_shardings=self.step_shardings)(
+            seed
+        )
+
+    def to_step(self, state: TrainState) -> TrainState:
+        """A state as saved (a restored checkpoint) -> as the step holds it."""
+        d = self.mesh.size
+        return jax.jit(lambda s: device_state(s, d), out_shardings=self.step_shardings)(state)
+
+    def to_saved(self, state: TrainState) -> TrainState:
+        """The step's state -> as a checkpoint holds it (a new state; `state` is kept)."""
+        return jax.jit(saved_state, out_shardings=self.shardings)(state)
+
+    def backbone(self, state: TrainState):
+        """(backbone params, BatchNorm statistics) of the step's state as the model and
+        every reader outside the step take them: to evaluate, export and convert."""
+        return jax.jit(
+            lambda s: (model_params(s.params["backbone"]), running_stats(s.batch_stats)),
+            out_shardings=(self.shardings.params["backbone"], self.shardings.batch_stats),
+        )(state)
 
     def init_arrays(self, names, seed: int | None = None) -> dict[str, jax.Array]:
         """Some arrays of the initial state, by name (`jaxface.checkpoint.array_name`): the
@@ -89,15 +119,17 @@ class Run:
     def lower(self) -> jax.stages.Lowered:
         """The train step lowered for abstract inputs: `.compile()` it to inspect memory
         and HLO without allocating anything."""
-        return self.train_step.lower(self.abstract_state, *self.abstract_batch())
+        return self.train_step.lower(self.step_abstract_state, *self.abstract_batch())
 
 
 # XLA:GPU options for the train step on more than one GPU. XLA's latency-hiding scheduler
 # keeps one collective in flight at a time by default, so the gradient all-reduces queue
-# behind each other and most start after the last backward convolution (27 % of their
-# bytes before it for r50 on 8 H200s); with four in flight, 98 % (docs/multi-gpu.md).
-# Passed per compilation, so CPU runs and other programs are untouched.
-GPU_STEP_OPTIONS = {"xla_gpu_experimental_parallel_collective_overlap_limit": 4}
+# behind each other and most start after the last backward convolution; with up to 8 in
+# flight, each bucket (jaxface.grad_buckets) starts when its gradients exist: 77 % of r50's
+# all-reduce bytes before the last backward convolution on 8 H200s (54 % with 4 in
+# flight; docs/multi-gpu.md). Passed per compilation, so CPU runs and other programs are
+# untouched.
+GPU_STEP_OPTIONS = {"xla_gpu_experimental_parallel_collective_overlap_limit": 8}
 
 
 def step_compiler_options(mesh: Mesh) -> dict | None:
@@ -130,9 +162,14 @@ def build(cfg: Config, mesh: Mesh, *, freeze_bn: bool = False) -> Run:
         )
     init = make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded, margin)
     shapes = jax.eval_shape(init, 0)
-    shardings = state_shardings(shapes, mesh)
+    shardings = state_shardings(shapes, mesh, per_device_stats=False)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
+    step_shapes = jax.eval_shape(lambda s: device_state(init(s), mesh.size), 0)
+    step_shardings = state_shardings(step_shapes, mesh)
+    step_abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), step_shapes, step_shardings
     )
     step = make_train_step(
         model,
@@ -144,6 +181,7 @@ def build(cfg: Config, mesh: Mesh, *, freeze_bn: bool = False) -> Run:
         num_sample=derived.num_sample,
         grad_accum=cfg.gradient_acc,
         freeze_bn=freeze_bn,
+        reduce_dtype={"fp32": jnp.float32, "bf16": jnp.bfloat16}[cfg.grad_reduce],
     )
     return Run(
         cfg=cfg,
@@ -157,10 +195,12 @@ def build(cfg: Config, mesh: Mesh, *, freeze_bn: bool = False) -> Run:
         init=init,
         abstract_state=abstract,
         shardings=shardings,
+        step_abstract_state=step_abstract,
+        step_shardings=step_shardings,
         train_step=jax.jit(
             step,
             donate_argnums=0,
-            out_shardings=(shardings, replicated(mesh)),
+            out_shardings=(step_shardings, replicated(mesh)),
             compiler_options=step_compiler_options(mesh),
         ),
         embed=jax.jit(make_embed_fn(model)),

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxface.fused_sgd import FusedSGD
-from jaxface.heads import (
-    Margin,
-    PerSampleLoss,
-    gather_rows,
-    init_class_centres,
-    partial_fc_loss_and_state,
-    sample_class_ids,
-)
+from jaxface.grad_buckets import BUCKET_BYTES, backward_buckets, flatten, forward_order
+from jaxface.heads import Margin, PerSampleLoss, init_class_centres
+from jaxface.heads.partial_fc import loss_on_device, sample_on_device
 from jaxface.heads.sampled_sgd import SampledSGD
 from jaxface.mesh import DATA_AXIS, class_sharding, replicated
 from jaxface.models import IMAGE_SIZE, IResNet, normalize_images
@@ -31,7 +28,10 @@ from jaxface.precision import LossScale
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any  # {"backbone": Flax params, "head": {"centres": [num_padded, E]}}
-    batch_stats: Any  # BatchNorm running statistics
+    # BatchNorm running statistics, each device's own (as each DDP rank keeps its own):
+    # every leaf [D, ...], split over the devices. Read them with `running_stats` (their
+    # mean); checkpoints and exports hold that mean (`saved_state`).
+    batch_stats: Any
     opt_state: Any
     rng: jax.Array  # uint32 key data: dropout and class sampling
     loss_scale: LossScale  # fp16's dynamic loss scale (1 and unused otherwise)
@@ -45,13 +45,65 @@ def is_head(path) -> bool:
     return any(getattr(k, "key", None) == "head" for k in path)
 
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
-    """Class centres (and their optimizer slots) split by class; everything else replicated."""
+def state_shardings(abstract_state: TrainState, mesh: Mesh, per_device_stats=True) -> TrainState:
+    """Class centres (and their optimizer slots) split by class, BatchNorm statistics by
+    device (unless `per_device_stats` is False: the saved state's); everything else
+    replicated."""
 
     def spec(path, leaf):
-        return class_sharding(mesh) if is_head(path) and leaf.ndim == 2 else replicated(mesh)
+        if is_head(path) and leaf.ndim == 2:
+            return class_sharding(mesh)
+        if per_device_stats and getattr(path[0], "name", None) == "batch_stats":
+            return NamedSharding(mesh, P(DATA_AXIS))
+        return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(spec, abstract_state)
+
+
+def running_stats(batch_stats):
+    """The running statistics a model is evaluated and saved with: the devices' mean."""
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), batch_stats)
+
+
+def saved_state(state: TrainState) -> TrainState:
+    """`state` as checkpoints hold it: the devices' mean running statistics (the mean is
+    all that is ever read, and a resume from it on any device count reads the same mean),
+    convolution kernels (and their optimizer slots) HWIO, as the models define them."""
+    return state.replace(
+        params=_kernels(state.params, to_step=False),
+        opt_state=_kernels(state.opt_state, to_step=False),
+        batch_stats=running_stats(state.batch_stats),
+    )
+
+
+def device_state(state: TrainState, num_devices: int) -> TrainState:
+    """A saved (or initial) state as the step holds it: every device starts from the
+    same running statistics; convolution kernels and their slots output-channel first."""
+    return state.replace(
+        params=_kernels(state.params, to_step=True),
+        opt_state=_kernels(state.opt_state, to_step=True),
+        batch_stats=stats_on_devices(state.batch_stats, num_devices),
+    )
+
+
+# The step holds every convolution kernel (a 4-D leaf) as OHWI, output channel first: the
+# layout cuDNN reads filters in and returns their gradients in for NHWC images. Held HWIO
+# (Flax's layout, the models' and checkpoints'), every kernel was transposed for the forward
+# pass and its gradient transposed back for the update: 106 transpose kernels in r50's
+# 1-device step. `model_params` views them as HWIO again, a transpose XLA folds into the
+# convolution's own filter layout.
+def _kernels(tree, to_step: bool):
+    perm = (3, 0, 1, 2) if to_step else (1, 2, 3, 0)
+    return jax.tree.map(lambda x: jnp.transpose(x, perm) if x.ndim == 4 else x, tree)
+
+
+def model_params(backbone):
+    """The step's backbone parameters as the model takes them (kernels HWIO)."""
+    return _kernels(backbone, to_step=False)
+
+
+def stats_on_devices(batch_stats, num_devices: int):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_devices, *x.shape)), batch_stats)
 
 
 def optimizer_count(opt_state, default):
@@ -98,6 +150,19 @@ def make_init_fn(
     return init
 
 
+def _local_bn_groups(bn_groups, num_devices: int):
+    """The model's BatchNorm grouping of the global batch as seen by one device of the
+    step's shard_map: 1 group of the whole batch (sync BN) -> statistics across DATA_AXIS;
+    k groups per device -> k."""
+    if num_devices == 1 or isinstance(bn_groups, str):
+        return bn_groups
+    if bn_groups == 1:
+        return DATA_AXIS
+    if bn_groups % num_devices:
+        raise ValueError(f"bn_groups={bn_groups} is not a multiple of {num_devices} devices")
+    return bn_groups // num_devices
+
+
 def make_train_step(
     model: IResNet,
     tx: optax.GradientTransformation,
@@ -109,6 +174,8 @@ def make_train_step(
     num_sample: int | None = None,
     grad_accum: int = 1,
     freeze_bn: bool = False,
+    reduce_dtype=jnp.float32,
+    bucket_bytes: int = BUCKET_BYTES,
 ):
     """(state, uint8 images, int32 labels) -> (state, metrics).
 
@@ -118,20 +185,42 @@ def make_train_step(
     turns on Partial FC sampling. `freeze_bn` runs BatchNorm on its running statistics.
     Metrics stay on the device.
 
-    With `SampledSGD` the step samples first and differentiates with respect to the sampled
+    Forward and backward run per device inside one shard_map, as DDP ranks do: each device
+    differentiates its share of the loss, the backbone's gradients are summed across devices
+    in `reduce_dtype` as a few flat buckets in backward order (jaxface.grad_buckets) and the
+    BatchNorm running statistics averaged as one buffer; the class centres' gradients stay
+    on their device. With `SampledSGD` the step differentiates with respect to the sampled
     rows only, then updates the whole matrix elementwise in place: no dense [C, E]
-    gradient. Otherwise the gradient flows through the gather to the whole matrix.
+    gradient. Otherwise the gradient flows through the gather to the whole block.
     """
     policy = model.policy
     rows_only = isinstance(tx, SampledSGD)
     if rows_only and (num_sample is None or grad_accum != 1):
         raise ValueError("SampledSGD needs num_sample (sample_rate < 1) and grad_accum 1")
     num_devices = mesh.shape[DATA_AXIS]
+    model = model.clone(bn_groups=_local_bn_groups(model.bn_groups, num_devices))
 
-    def loss_fn(params, batch_stats, images, labels, class_ids, dropout_key, scale, aux_in):
-        loss_state, loss_key, num_local = aux_in  # num_local: a static int
+    def bucket_groups(backbone, batch_stats):
+        """The backbone's leaves in all-reduce buckets: one on one device (nothing to
+        overlap; tree order, as the fused optimizer groups them)."""
+        sizes = [x.size for x in jax.tree.leaves(backbone)]
+        if num_devices == 1:
+            return [list(range(len(sizes)))]
+        image = jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
+        order = forward_order(
+            lambda p, stats, x: model.apply({"params": model_params(p), "batch_stats": stats}, x),
+            backbone,
+            batch_stats,
+            image,
+        )
+        return backward_buckets(sizes, order, bucket_bytes)
+
+    def device_loss(params, batch_stats, images, labels, picked, aux, scale, loss_state):
+        """The loss (equal on every device) of this device's images and class rows, scaled,
+        with (loss, (BatchNorm statistics, loss state))."""
+        dropout_key, loss_key_data, num_local = aux  # num_local: a static int
         x = normalize_images(images, policy.compute_dtype)
-        variables = {"params": params["backbone"], "batch_stats": batch_stats}
+        variables = {"params": model_params(params["backbone"]), "batch_stats": batch_stats}
         if freeze_bn:
             embeddings, new_stats = model.apply(variables, x, train=False), batch_stats
         else:
@@ -140,76 +229,181 @@ def make_train_step(
             )
             new_stats = updates["batch_stats"]
         centres = params["head"]["centres"]
-        rows = centres if rows_only else gather_rows(centres, class_ids, mesh=mesh)
-        loss, loss_state = partial_fc_loss_and_state(
+        full = picked.shape[0] == centres.shape[0]  # the whole block, sorted: no gather
+        rows = centres if rows_only or full else centres[picked]
+        loss, loss_state = loss_on_device(
             embeddings,
             labels,
             rows,
-            class_ids,
+            picked,
+            loss_state,
+            loss_key_data,
             margin=margin,
             num_classes=num_classes,
             num_local=num_local,
-            mesh=mesh,
             precision=policy.matmul_precision,
-            loss_state=loss_state,
-            key=loss_key,
         )
         # fp16: the backward pass runs on the scaled loss so that small gradients survive.
         return loss * scale, (loss, (new_stats, loss_state))
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(device_loss, has_aux=True)
 
-    def micro_batch(params, batch_stats, images, labels, key, scale, loss_state):
-        """(loss, (BatchNorm statistics, loss state), scaled gradients, sampled class ids)
-        of one batch."""
+    def device_micro_batch(params, batch_stats, images, labels, key, scale, loss_state, num_local):
+        """(loss, (statistics, loss state), this device's scaled gradients, picked rows)."""
         dropout_key, sample_key = jax.random.split(key)
         # The per-sample losses' draws (ElasticFace's margins): their own stream, so the
         # dropout and sampling keys are those of the combined margin.
         loss_key = jax.random.fold_in(key, 0x10557)
-        # Each device's block of centres, from the matrix itself (jaxface.config.derive
-        # sizes it: ceil(C / D), aligned when the head is dense).
-        num_local = params["head"]["centres"].shape[0] // num_devices
-        class_ids = sample_class_ids(
-            labels,
-            sample_key,
-            num_classes=num_classes,
-            num_local=num_local,
-            num_sample=num_sample,
-            mesh=mesh,
+        loss_key_data = (
+            jax.random.key_data(loss_key)
+            if isinstance(margin, PerSampleLoss) and margin.needs_key
+            else None
         )
+        # Each device drops out its own units, as each DDP rank draws its own.
+        dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS))
+        if num_sample is None:
+            picked = jnp.arange(num_local, dtype=jnp.int32)
+        else:
+            picked = sample_on_device(
+                labels,
+                jax.random.key_data(sample_key),
+                num_classes=num_classes,
+                num_local=num_local,
+                num_sample=num_sample,
+            )
         if rows_only:
-            rows = gather_rows(params["head"]["centres"], class_ids, mesh=mesh)
-            params = {**params, "head": {"centres": rows}}
+            params = {**params, "head": {"centres": params["head"]["centres"][picked]}}
+        # Varying copies of the replicated weights: their gradients stay this device's
+        # share, summed below in buckets rather than by autodiff leaf by leaf.
+        params = {**params, "backbone": jax.lax.pcast(params["backbone"], DATA_AXIS, to="varying")}
         (_, (loss, stats)), grads = grad_fn(
             params,
             batch_stats,
             images,
             labels,
-            class_ids,
-            dropout_key,
+            picked,
+            (dropout_key, loss_key_data, num_local),
             scale,
-            (loss_state, loss_key, num_local),
+            loss_state,
         )
-        return loss, stats, grads, class_ids
+        return loss, stats, grads, picked
 
-    def accumulated(state, images, labels, key, scale):
-        """Gradients averaged over the k micro-batches; BatchNorm statistics updated by
-        each in turn, as k forward passes in PyTorch would."""
-
-        def body(carry, inputs):
-            grad_sum, (stats, loss_state), loss_sum, i = carry
-            loss, stats, grads, _ = micro_batch(
-                state.params, stats, *inputs, jax.random.fold_in(key, i), scale, loss_state
+    def device_step(
+        params, batch_stats, images, labels, key_data, scale, loss_state, *, num_local, buckets
+    ):
+        """One device's part of the step: (loss, running statistics, loss state, summed
+        backbone gradients, this device's centre gradients, its picked rows)."""
+        key = jax.random.wrap_key_data(key_data)
+        batch_stats = jax.tree.map(lambda x: x[0], batch_stats)  # this device's [1, ...]
+        if grad_accum == 1:
+            loss, (stats, loss_state), grads, picked = device_micro_batch(
+                params, batch_stats, images, labels, key, scale, loss_state, num_local
             )
-            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-            return (grad_sum, stats, loss_sum + loss, i + 1), None
+        else:
+            # Gradients averaged over the k micro-batches; BatchNorm statistics updated by
+            # each in turn, as k forward passes in PyTorch would.
+            def body(carry, inputs):
+                grad_sum, (stats, loss_state), loss_sum, i = carry
+                loss, (stats, loss_state), grads, _ = device_micro_batch(
+                    params,
+                    stats,
+                    *inputs,
+                    jax.random.fold_in(key, i),
+                    scale,
+                    loss_state,
+                    num_local,
+                )
+                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+                return (grad_sum, (stats, loss_state), loss_sum + loss, i + 1), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        carry = (zeros, (state.batch_stats, state.loss_state), jnp.zeros((), jnp.float32), 0)
-        # Unrolled: XLA:CPU runs convolutions inside a loop body far slower; k is small.
-        (grad_sum, stats, loss_sum, _), _ = jax.lax.scan(body, carry, (images, labels), unroll=True)
-        grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
-        return loss_sum / grad_accum, stats, grads, None
+            zeros = {
+                "backbone": jax.lax.pcast(
+                    jax.tree.map(jnp.zeros_like, params["backbone"]), DATA_AXIS, to="varying"
+                ),
+                "head": jax.tree.map(jnp.zeros_like, params["head"]),  # a block: varying
+            }
+            carry = (zeros, (batch_stats, loss_state), jnp.zeros((), jnp.float32), 0)
+            # Unrolled: XLA:CPU runs convolutions inside a loop body far slower; k is small.
+            (grads, (stats, loss_state), loss, _), _ = jax.lax.scan(
+                body, carry, (images, labels), unroll=True
+            )
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
+            loss = loss / grad_accum
+            picked = None
+        # One all-reduce per bucket, in backward order, in reduce_dtype.
+        flat = flatten(grads["backbone"], buckets, reduce_dtype)
+        summed = jax.lax.psum(flat.vectors, DATA_AXIS)
+        backbone = flat.replace(vectors=[v.astype(jnp.float32) for v in summed])
+        # Running statistics: the mean of the devices' own (arcface_torch keeps one set per
+        # rank; rank 0's is what it saves), as one buffer.
+        stats = jax.tree.map(lambda x: x[None], stats)
+        head = grads["head"]
+        if picked is None:
+            picked = jnp.zeros((0,), jnp.int32)
+        return loss, stats, loss_state, backbone, head, picked
+
+    def train_step(state: TrainState, images, labels):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        # Without loss scaling the scale is the constant 1 (not the state's value), so
+        # neither the loss nor the gradients pass through a multiply or divide by it.
+        scale = state.loss_scale.scale if policy.loss_scaling else jnp.float32(1.0)
+        # Each device's block of centres, from the matrix itself (jaxface.config.derive
+        # sizes it: ceil(C / D), aligned when the head is dense).
+        num_local = state.params["head"]["centres"].shape[0] // num_devices
+        for x in jax.tree.leaves(state.batch_stats):
+            if x.ndim < 2 or x.shape[0] != num_devices:
+                raise ValueError(
+                    f"BatchNorm statistics of shape {x.shape}: the step holds them per device, "
+                    f"[{num_devices}, ...]; pass jaxface.step.device_state(state, {num_devices})"
+                )
+        buckets = bucket_groups(state.params["backbone"], running_stats(state.batch_stats))
+        data = P(DATA_AXIS) if grad_accum == 1 else P(None, DATA_AXIS)
+        param_specs = {"backbone": P(), "head": {"centres": P(DATA_AXIS, None)}}
+        loss, stats, loss_state, backbone, head, class_ids = jax.shard_map(
+            partial(device_step, num_local=num_local, buckets=buckets),
+            mesh=mesh,
+            in_specs=(param_specs, P(DATA_AXIS), data, data, P(), P(), P()),
+            out_specs=(P(), P(DATA_AXIS), P(), P(), P(DATA_AXIS, None), P(DATA_AXIS)),
+            check_vma=True,
+        )(
+            state.params,
+            state.batch_stats,
+            images,
+            labels,
+            jax.random.key_data(key),
+            scale,
+            state.loss_state,
+        )
+        grads = {"backbone": backbone.tree(state.params["backbone"]), "head": head}
+        if policy.loss_scaling:
+            grads = jax.tree.map(lambda g: g / scale, grads)
+        finite = all_finite(grads)
+        if rows_only:
+            # The sampled rows' gradient depends on the rows themselves; without the barrier
+            # XLA recomputes it inside the finite check, scheduled after the in-place update
+            # of the centres, and so copies the whole centre block first (2.56 GB at 10 M
+            # classes on 8 devices). Materialised here, the update needs no copy.
+            head, finite = jax.lax.optimization_barrier((grads["head"], finite))
+            grads = {**grads, "head": head}
+        params, opt_state = apply_updates(state, grads, class_ids, finite)
+        metrics = {
+            "loss": loss,
+            # The rate this update used: the optimizer's own count, which a skipped fp16
+            # step does not advance (the step counter does).
+            "lr": schedule(optimizer_count(state.opt_state, state.step)),
+            "backbone_grad_norm": global_norm(grads["backbone"]),
+            "loss_scale": scale,
+            "grads_finite": finite,
+        }
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=stats,
+            loss_state=loss_state,
+            opt_state=opt_state,
+            loss_scale=state.loss_scale.update(finite) if policy.loss_scaling else state.loss_scale,
+        )
+        return new_state, metrics
 
     def keep_if_finite(finite, new, old):
         # fp16 overflow: keep the parameters and optimizer state (GradScaler skips the
@@ -249,48 +443,6 @@ def make_train_step(
         )
         params = {"backbone": backbone, "head": {"centres": centres}}
         return params, {"backbone": backbone_opt, "head": head_opt}
-
-    def train_step(state: TrainState, images, labels):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        # Without loss scaling the scale is the constant 1 (not the state's value), so
-        # neither the loss nor the gradients pass through a multiply or divide by it.
-        scale = state.loss_scale.scale if policy.loss_scaling else jnp.float32(1.0)
-        if grad_accum == 1:
-            loss, stats, grads, class_ids = micro_batch(
-                state.params, state.batch_stats, images, labels, key, scale, state.loss_state
-            )
-        else:
-            loss, stats, grads, class_ids = accumulated(state, images, labels, key, scale)
-        if policy.loss_scaling:
-            grads = jax.tree.map(lambda g: g / scale, grads)
-        finite = all_finite(grads)
-        if rows_only:
-            # The sampled rows' gradient depends on the rows themselves; without the barrier
-            # XLA recomputes it inside the finite check, scheduled after the in-place update
-            # of the centres, and so copies the whole centre block first (2.56 GB at 10 M
-            # classes on 8 devices). Materialised here, the update needs no copy.
-            head, finite = jax.lax.optimization_barrier((grads["head"], finite))
-            grads = {**grads, "head": head}
-        params, opt_state = apply_updates(state, grads, class_ids, finite)
-        metrics = {
-            "loss": loss,
-            # The rate this update used: the optimizer's own count, which a skipped fp16
-            # step does not advance (the step counter does).
-            "lr": schedule(optimizer_count(state.opt_state, state.step)),
-            "backbone_grad_norm": global_norm(grads["backbone"]),
-            "loss_scale": scale,
-            "grads_finite": finite,
-        }
-        stats, loss_state = stats
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            batch_stats=stats,
-            loss_state=loss_state,
-            opt_state=opt_state,
-            loss_scale=state.loss_scale.update(finite) if policy.loss_scaling else state.loss_scale,
-        )
-        return new_state, metrics
 
     return train_step
 

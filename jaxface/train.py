@@ -103,9 +103,7 @@ def train(cfg) -> dict:
 
         def evaluate(step: int) -> list[dict]:
             records = []
-            for name, (result, best) in verifier.run(
-                state.params["backbone"], state.batch_stats
-            ).items():
+            for name, (result, best) in verifier.run(*run.backbone(state)).items():
                 progress.message(format_result(name, step, result, best))
                 record = {"step": step, "event": "val", "target": name, **result.as_dict()}
                 log.write({**record, "best": best}, prefix=f"val/{name}")
@@ -113,7 +111,7 @@ def train(cfg) -> dict:
             return records
 
         def save(step: int) -> None:
-            checkpointer.save(step, state, _checkpoint_meta(run, step, stream))
+            checkpointer.save(step, run.to_saved(state), _checkpoint_meta(run, step, stream))
 
         # --- Loop. Metrics stay on the device until a log step fetches them all at once.
         feed = DeviceFeed(
@@ -147,7 +145,7 @@ def train(cfg) -> dict:
                 save(step)
                 saved = step
             if (epoch_end or last) and is_main:
-                export_backbone(out, state.params["backbone"], state.batch_stats, cfg.network, step)
+                export_backbone(out, *run.backbone(state), cfg.network, step)
             if verifier is not None and (step % cfg.verbose == 0 or last):
                 val_records += evaluate(step)
             if stop.signum:
@@ -166,7 +164,7 @@ def train(cfg) -> dict:
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"event": "summary", **summary}) + "\n")
     progress.message(_summary_line(summary, start_step, derived.run_steps, out))
-    return {**summary, "state": state, "history": history, "val_records": val_records}
+    return {**summary, "state": run.to_saved(state), "history": history, "val_records": val_records}
 
 
 def _header(run: Run, state, start_step: int, out: Path) -> str:
@@ -237,7 +235,7 @@ def _restore_or_init(run: Run, checkpoint_dir: Path, stream: dict, say):
         except BaseException:
             checkpointer.close()
             raise
-        return state, checkpointer
+        return run.to_step(state), checkpointer
     if is_main:  # an earlier run's results are moved aside, never overwritten
         for earlier in (checkpoint_dir, checkpoint_dir.parent / "metrics.jsonl"):
             moved = set_aside(earlier)
@@ -309,10 +307,11 @@ def _init_backbone_from(run: Run, state):
         raise ConfigError(
             f"{cfg.source}: config key 'init_from'={cfg.init_from!r}: {exc}"
         ) from None
+    saved = run.to_saved(state)
     backbone = jax.device_put(params, run.shardings.params["backbone"])
-    return state.replace(
-        params={**state.params, "backbone": backbone},
-        batch_stats=jax.device_put(stats, run.shardings.batch_stats),
+    stats = jax.device_put(stats, run.shardings.batch_stats)
+    return run.to_step(
+        saved.replace(params={**saved.params, "backbone": backbone}, batch_stats=stats)
     )
 
 

@@ -30,7 +30,12 @@ from jaxface.heads import (  # noqa: E402
 from jaxface.mesh import batch_sharding, class_sharding  # noqa: E402
 from jaxface.optim import make_optimizer  # noqa: E402
 from jaxface.precision import LossScale  # noqa: E402
-from jaxface.step import TrainState, make_train_step  # noqa: E402
+from jaxface.step import (  # noqa: E402
+    TrainState,
+    make_train_step,
+    saved_state,
+    stats_on_devices,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +93,7 @@ def jax_train_step(cfg, derived, model, params, stats, centres, batch, labels, m
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=all_params,
-        batch_stats=stats,
+        batch_stats=stats_on_devices(stats, mesh.size),
         opt_state=tx.init(all_params),
         rng=jax.random.key_data(jax.random.key(0)),
         loss_scale=LossScale.create(False),
@@ -106,4 +111,4 @@ def jax_train_step(cfg, derived, model, params, stats, centres, batch, labels, m
     with jax.default_matmul_precision("highest"):
         compiled = step.lower(*args).compile(compiler_options={"xla_backend_optimization_level": 2})
     new, metrics = compiled(*args)
-    return jax.device_get(new), float(metrics["loss"])
+    return jax.device_get(saved_state(new)), float(metrics["loss"])

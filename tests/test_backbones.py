@@ -289,9 +289,10 @@ def test_train_step_draws_a_new_mask_each_step(repo):
     model = _small_vit(mask_ratio=0.3, drop_path_rate=0.0)
     mesh = make_mesh(1)
     tx, schedule = make_optimizer(cfg, derived)
-    from jaxface.step import make_init_fn
+    from jaxface.step import device_state, make_init_fn
 
-    state = jax.jit(make_init_fn(model, tx, 8, 8))(0)
+    init = make_init_fn(model, tx, 8, 8)
+    state = jax.jit(lambda s: device_state(init(s), 1))(0)
     step = jax.jit(make_train_step(model, tx, schedule, margin_from_config(cfg), 8, mesh))
     batch, labels = jnp.asarray(images(4)), jnp.arange(4, dtype=jnp.int32)
     loss = [float(step(state, batch, labels)[1]["loss"]) for _ in range(2)]

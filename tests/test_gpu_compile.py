@@ -4,6 +4,7 @@
 
 import json
 
+import jax
 import pytest
 
 from jaxface import gpu_target, hlo_stats
@@ -314,3 +315,48 @@ def test_gathers_and_scatters_are_charged_the_rows_they_touch():
     # the block is neither read nor written.
     assert by_name["upd"].written == rows
     assert by_name["upd"].bytes == rows + indices + rows + rows
+
+
+@needs_plugin
+@pytest.mark.slow
+def test_eight_h200s_step_is_as_lean_as_one_and_sums_in_float32(repo):
+    """The multi-device step's structure, compiled for H200s (docs/multi-gpu.md has r50's
+    numbers): per-device gradients summed in a few float32 buckets (bf16 on request) and
+    BatchNorm statistics kept per device leave the 8-device program within a handful of
+    kernels of the 1-device one (the step of before had one slice kernel per gradient and
+    one running-statistic update per BatchNorm leaf more)."""
+    from jaxface import collectives
+    from jaxface.config import load_config
+    from jaxface.setup import build
+
+    target = gpu_target.load_target("h200")
+    base = {"batch_size": "8", "num_classes": "1000", "precision": "bf16"}
+    kernels, reduced = {}, {}
+    for devices, reduce in ((1, "fp32"), (8, "fp32"), (8, "bf16")):
+        cfg = load_config(repo / "configs/demo.py", {**base, "grad_reduce": reduce})
+        run = build(cfg, gpu_target.mesh(target, devices))
+        hlo = run.lower().compile().as_text()
+        stats = hlo_stats.analyse(hlo, target.peaks)
+        kernels[devices, reduce] = stats.count()
+        # Kernels held OHWI, as cuDNN reads them: no transposes (106 in r50's step when
+        # they were held HWIO).
+        assert stats.by_kind().get("transpose", 0) == 0
+        found, _ = collectives.analyse(hlo, target.peaks, devices)
+        # The gradient buckets: the all-reduces of more than the head's per-sample sums.
+        reduced[devices, reduce] = {
+            c.shape.split("[")[0] for c in found if c.kind == "all-reduce" and c.bytes > 1e5
+        }
+    leaves = len(jax.tree.leaves(run.init(0).params["backbone"]))
+    assert kernels[8, "fp32"] - kernels[1, "fp32"] <= 30 < leaves
+    assert reduced[8, "fp32"] == {"f32"} and reduced[8, "bf16"] == {"bf16"}
+
+
+@needs_plugin
+@pytest.mark.slow
+def test_plan_for_several_hosts(repo, capsys, monkeypatch):
+    from jaxface import plan
+
+    monkeypatch.chdir(repo)
+    args = ["--config", "configs/demo.py", "--devices", "4", "--target", "h200", "--hosts", "2"]
+    assert plan.main(args + ["--config.batch_size=2"]) == 0
+    assert "4 devices on 2 hosts (NVIDIA H200" in capsys.readouterr().out

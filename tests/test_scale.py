@@ -13,7 +13,7 @@ from jaxface.mesh import batch_sharding, class_sharding, make_mesh, micro_batch_
 from jaxface.models import get_model
 from jaxface.optim import make_optimizer
 from jaxface.precision import GROWTH_INTERVAL, INITIAL_LOSS_SCALE, LossScale, Policy
-from jaxface.step import make_init_fn, make_train_step
+from jaxface.step import device_state, make_init_fn, make_train_step
 
 NUM_CLASSES, DIM, BATCH = 45, 8, 16  # 45 classes on 8 devices: 6 per device, 3 padding rows
 
@@ -104,7 +104,8 @@ def _setup(repo, precision="fp32", devices=1, **overrides):
     model = get_model(cfg.network, embedding_size=16, policy=Policy(precision, {
         "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}[precision]))  # fmt: skip
     tx, schedule = make_optimizer(cfg, derived)
-    state = jax.jit(make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded))(0)
+    init = make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded)
+    state = jax.jit(lambda s: device_state(init(s), mesh.size))(0)
     return cfg, mesh, model, tx, schedule, state
 
 
@@ -166,7 +167,8 @@ def test_sampled_sgd_equals_the_dense_update(repo):
     dense_cfg = cfg.replace(sample_rate=1.0)
     dense_tx, _ = make_optimizer(dense_cfg, derive(dense_cfg, 2))
     assert not isinstance(dense_tx, SampledSGD)
-    dense_state = jax.jit(make_init_fn(model, dense_tx, 200, derived.num_classes_padded))(0)
+    dense_init = make_init_fn(model, dense_tx, 200, derived.num_classes_padded)
+    dense_state = jax.jit(lambda s: device_state(dense_init(s), mesh.size))(0)
     dense = jax.jit(make_train_step(model, dense_tx, schedule, Margin(), 200, mesh, num_sample=25))
     start = jax.device_get(state.params["head"]["centres"])
     for i in range(3):

@@ -23,6 +23,7 @@ gradients stay local.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -67,23 +68,30 @@ def sample_class_ids(
         ids = jnp.tile(jnp.arange(num_local, dtype=jnp.int32), mesh.shape[DATA_AXIS])
         return jax.lax.with_sharding_constraint(ids, jax.NamedSharding(mesh, P(DATA_AXIS)))
 
-    def shard_ids(local_labels, key_data):
-        # [B_local] -> [B_global]: every device needs every label of the global batch.
-        batch_labels = jax.lax.all_gather(local_labels, DATA_AXIS, tiled=True)
-        shard = jax.lax.axis_index(DATA_AXIS)
-        first_class = shard * num_local
-        return _sample_classes(
-            key_data,
-            shard,
-            batch_labels - first_class,
-            num_local,
-            num_sample,
-            num_classes - first_class,
-        ).astype(jnp.int32)
+    shard_ids = partial(
+        sample_on_device, num_classes=num_classes, num_local=num_local, num_sample=num_sample
+    )
 
     return jax.shard_map(
         shard_ids, mesh=mesh, in_specs=(P(DATA_AXIS), P()), out_specs=P(DATA_AXIS), check_vma=True
     )(labels, jax.random.key_data(key))
+
+
+def sample_on_device(local_labels, key_data, *, num_classes: int, num_local: int, num_sample: int):
+    """`sample_class_ids`' body on one device inside a shard_map over DATA_AXIS: the local
+    indices (sorted) of the `num_sample` rows of this device's block that it scores."""
+    # [B_local] -> [B_global]: every device needs every label of the global batch.
+    batch_labels = jax.lax.all_gather(local_labels, DATA_AXIS, tiled=True)
+    shard = jax.lax.axis_index(DATA_AXIS)
+    first_class = shard * num_local
+    return _sample_classes(
+        key_data,
+        shard,
+        batch_labels - first_class,
+        num_local,
+        num_sample,
+        num_classes - first_class,
+    ).astype(jnp.int32)
 
 
 def gather_rows(centres, class_ids, *, mesh: Mesh):
@@ -162,57 +170,13 @@ def partial_fc_loss_and_state(
         loss_state = {}
     key_data = jax.random.key_data(key) if per_sample and margin.needs_key else None
 
-    def shard_loss(local_emb, local_labels, local_rows, picked, state, key_data):
-        # [B_local, E] per device -> [B_global, E]; transposes to a reduce-scatter.
-        emb = jax.lax.all_gather(local_emb.astype(jnp.float32), DATA_AXIS, tiled=True)
-        # [B_local] -> [B_global]
-        batch_labels = jax.lax.all_gather(local_labels, DATA_AXIS, tiled=True)
-        first_class = jax.lax.axis_index(DATA_AXIS) * num_local
-        targets = _remap(picked, batch_labels - first_class, num_local)
-        # The centres' norms scale the logit columns after the matmul rather than the
-        # centres before it: a normalised copy of the centre block (and its gradient)
-        # would be one more [rows, E] buffer, 10-20 % of the head's memory.
-        rows32 = local_rows.astype(jnp.float32)
-        sum_sq = jnp.sum(jnp.square(rows32), axis=-1)
-        inv_norm = 1.0 / jnp.sqrt(jnp.maximum(sum_sq, 1e-24))  # as _l2_normalize
-        emb_sum_sq = jnp.sum(jnp.square(emb), axis=-1, keepdims=True)
-        emb_norm = jnp.sqrt(jnp.maximum(emb_sum_sq, 1e-24))  # as _l2_normalize
-        cos = jnp.dot(emb / emb_norm, rows32.T, precision=precision) * inv_norm
-        cos = jnp.clip(cos, -1.0, 1.0)  # [B_global, rows]
-        is_target = jnp.arange(picked.shape[0])[None, :] == targets[:, None]
-        extra = jnp.zeros((), jnp.float32)
-        if per_sample:
-            target_cos = None
-            if margin.needs_target_cos:
-                # [B_global]: the owner's target cosine, on every class shard.
-                owned = jnp.where(is_target, jax.lax.stop_gradient(cos), 0.0).sum(axis=1)
-                target_cos = jax.lax.psum(owned, DATA_AXIS)
-            ctx = RowContext(
-                norms=emb_norm[:, 0],
-                target_cos=target_cos,
-                state=state,
-                key=None if key_data is None else jax.random.wrap_key_data(key_data),
-            )
-            row_info, state, extra = margin.rows(ctx)
-            # Equal on every device but computed from all-gathered values, which shard_map
-            # types as varying: take device 0's (a psum of it and zeros: exact, and the
-            # regulariser's gradient counted once).
-            state, extra = jax.tree.map(_from_first_device, (state, extra))
-            logits = margin.logits(cos, is_target, row_info)
-        else:
-            logits = margin.logits(cos, is_target)
-        logits = jnp.where((first_class + picked < num_classes)[None, :], logits, -jnp.inf)
-        # [B_global] per device -> the max over all classes.
-        row_max = jax.lax.pmax(jax.lax.stop_gradient(logits.max(axis=1)), DATA_AXIS)
-        row_max = jax.lax.stop_gradient(row_max)
-        # [B_global] partial sums -> full sums over all class shards.
-        sum_exp = jax.lax.psum(jnp.exp(logits - row_max[:, None]).sum(axis=1), DATA_AXIS)
-        # [B_global]: only the owning shard contributes a non-zero target logit.
-        target = jax.lax.psum(jnp.where(is_target, logits, 0.0).sum(axis=1), DATA_AXIS)
-        # log p_y in the log domain: no underflow, so no 1e-30 clamp is needed (arcface_torch's
-        # clamp is why its loss sticks at 69.08 when p_y underflows).
-        log_prob = target - row_max - jnp.log(sum_exp)
-        return -jnp.mean(log_prob) + extra, state
+    shard_loss = partial(
+        loss_on_device,
+        margin=margin,
+        num_classes=num_classes,
+        num_local=num_local,
+        precision=precision,
+    )
 
     return jax.shard_map(
         shard_loss,
@@ -221,6 +185,76 @@ def partial_fc_loss_and_state(
         out_specs=(P(), P()),
         check_vma=True,
     )(embeddings, labels, rows, class_ids, loss_state, key_data)
+
+
+def loss_on_device(
+    local_emb,
+    local_labels,
+    local_rows,
+    picked,
+    state,
+    key_data,
+    *,
+    margin,
+    num_classes: int,
+    num_local: int,
+    precision=jax.lax.Precision.HIGHEST,
+):
+    """`partial_fc_loss_and_state`'s body on one device inside a shard_map over DATA_AXIS:
+    (loss, new loss state), both equal on every device. local_emb [B_local, E], local_rows
+    this device's scored rows, picked their indices in its block; `state` and `key_data` as
+    there (the loss's running state, the raw key of losses that draw, else None)."""
+    per_sample = isinstance(margin, PerSampleLoss)
+    # [B_local, E] per device -> [B_global, E]; transposes to a reduce-scatter.
+    emb = jax.lax.all_gather(local_emb.astype(jnp.float32), DATA_AXIS, tiled=True)
+    # [B_local] -> [B_global]
+    batch_labels = jax.lax.all_gather(local_labels, DATA_AXIS, tiled=True)
+    first_class = jax.lax.axis_index(DATA_AXIS) * num_local
+    targets = _remap(picked, batch_labels - first_class, num_local)
+    # The centres' norms scale the logit columns after the matmul rather than the
+    # centres before it: a normalised copy of the centre block (and its gradient)
+    # would be one more [rows, E] buffer, 10-20 % of the head's memory.
+    rows32 = local_rows.astype(jnp.float32)
+    sum_sq = jnp.sum(jnp.square(rows32), axis=-1)
+    inv_norm = 1.0 / jnp.sqrt(jnp.maximum(sum_sq, 1e-24))  # as _l2_normalize
+    emb_sum_sq = jnp.sum(jnp.square(emb), axis=-1, keepdims=True)
+    emb_norm = jnp.sqrt(jnp.maximum(emb_sum_sq, 1e-24))  # as _l2_normalize
+    cos = jnp.dot(emb / emb_norm, rows32.T, precision=precision) * inv_norm
+    cos = jnp.clip(cos, -1.0, 1.0)  # [B_global, rows]
+    is_target = jnp.arange(picked.shape[0])[None, :] == targets[:, None]
+    extra = jnp.zeros((), jnp.float32)
+    if per_sample:
+        target_cos = None
+        if margin.needs_target_cos:
+            # [B_global]: the owner's target cosine, on every class shard.
+            owned = jnp.where(is_target, jax.lax.stop_gradient(cos), 0.0).sum(axis=1)
+            target_cos = jax.lax.psum(owned, DATA_AXIS)
+        ctx = RowContext(
+            norms=emb_norm[:, 0],
+            target_cos=target_cos,
+            state=state,
+            key=None if key_data is None else jax.random.wrap_key_data(key_data),
+        )
+        row_info, state, extra = margin.rows(ctx)
+        # Equal on every device but computed from all-gathered values, which shard_map
+        # types as varying: take device 0's (a psum of it and zeros: exact, and the
+        # regulariser's gradient counted once).
+        state, extra = jax.tree.map(_from_first_device, (state, extra))
+        logits = margin.logits(cos, is_target, row_info)
+    else:
+        logits = margin.logits(cos, is_target)
+    logits = jnp.where((first_class + picked < num_classes)[None, :], logits, -jnp.inf)
+    # [B_global] per device -> the max over all classes.
+    row_max = jax.lax.pmax(jax.lax.stop_gradient(logits.max(axis=1)), DATA_AXIS)
+    row_max = jax.lax.stop_gradient(row_max)
+    # [B_global] partial sums -> full sums over all class shards.
+    sum_exp = jax.lax.psum(jnp.exp(logits - row_max[:, None]).sum(axis=1), DATA_AXIS)
+    # [B_global]: only the owning shard contributes a non-zero target logit.
+    target = jax.lax.psum(jnp.where(is_target, logits, 0.0).sum(axis=1), DATA_AXIS)
+    # log p_y in the log domain: no underflow, so no 1e-30 clamp is needed (arcface_torch's
+    # clamp is why its loss sticks at 69.08 when p_y underflows).
+    log_prob = target - row_max - jnp.log(sum_exp)
+    return -jnp.mean(log_prob) + extra, state
 
 
 def _from_first_device(x):

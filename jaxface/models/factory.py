@@ -17,7 +17,7 @@ def get_model(
     embedding_size: int = 512,
     dropout: float = 0.0,
     policy: Policy | None = None,
-    bn_groups: int = 1,
+    bn_groups: int | str = 1,
     remat: bool = False,
     **overrides,
 ) -> nn.Module:

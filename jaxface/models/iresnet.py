@@ -44,7 +44,7 @@ class IBasicBlock(nn.Module):
     stride: int
     downsample: bool
     policy: Policy
-    bn_groups: int
+    bn_groups: int | str
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -80,7 +80,7 @@ class IResNet(nn.Module):
     embedding_size: int = 512
     dropout: float = 0.0
     policy: Policy = Policy("fp32", jnp.float32)
-    bn_groups: int = 1  # BatchNorm statistics per group of the batch: 1 per device
+    bn_groups: int | str = 1  # per group of the batch, or a mesh axis: layers.BatchNorm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -144,7 +144,7 @@ def get_model(
     embedding_size: int = 512,
     dropout: float = 0.0,
     policy: Policy | None = None,
-    bn_groups: int = 1,
+    bn_groups: int | str = 1,
 ) -> IResNet:
     """The backbone called `name` (r18, r34, r50, r100, r180, r200, iresnet_tiny)."""
     if name not in BACKBONES:

@@ -17,13 +17,15 @@ class BatchNorm(nn.Module):
     unbiased one, and parity with arcface_torch needs PyTorch's. `num_groups` splits the
     batch (leading axis) into groups with statistics of their own: one group per device gives
     arcface_torch's per-device BatchNorm inside a single jit over the global batch, and since
-    the batch is sharded along the same axis, no collective is needed for it.
+    the batch is sharded along the same axis, no collective is needed for it. `num_groups`
+    may instead name a mesh axis: inside a shard_map over it, statistics of the batch of all
+    its devices together (sync BN); the models pass their `bn_groups` here as it is.
     """
 
     use_scale: bool = True  # False: scale frozen at 1 (arcface_torch's `features` BN)
     momentum: float = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch
     epsilon: float = 1e-5
-    num_groups: int = 1
+    num_groups: int | str = 1
     dtype: Any = jnp.float32  # output dtype; statistics are always float32
 
     @nn.compact
@@ -39,20 +41,32 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
 
         if train:
-            groups = self.num_groups
+            groups, axis_name = self.num_groups, None
+            if isinstance(groups, str):
+                groups, axis_name = 1, groups
             if x.shape[0] % groups:
                 raise ValueError(f"batch {x.shape[0]} not divisible into {groups} BN groups")
             # One sample per group and channel shifts the one-pass statistics (see
             # _statistics): it lies within the batch's spread, where the running mean (zero
             # at the start) may lie far outside it.
             first = x.reshape(groups, -1, channels)[:, 0, :].astype(jnp.float32)
+            if axis_name is not None:
+                # One shift for all devices' sums: their mean first sample.
+                first = jax.lax.pmean(first, axis_name)
             shift = jax.lax.stop_gradient(first)
-            ones = jnp.ones((channels,), jnp.float32)
+            ones = jnp.ones_like(bias)  # typed as bias: varying inside a shard_map
             y, mean, var = batch_norm_train(
-                x, ones if scale is None else scale, bias, shift, groups, self.epsilon, self.dtype
+                x,
+                ones if scale is None else scale,
+                bias,
+                shift,
+                groups,
+                self.epsilon,
+                self.dtype,
+                axis_name,
             )
             if not self.is_initializing():
-                n = x.size // (groups * channels)
+                n = x.size // (groups * channels) * _axis_size(axis_name)
                 unbiased = var * (n / max(n - 1, 1))
                 m = self.momentum
                 running_mean.value = (1 - m) * running_mean.value + m * mean.mean(axis=0)
@@ -79,7 +93,21 @@ def _sums(a, b):
     return both[:, 0], both[:, 1]
 
 
-def _statistics(x, shift, groups):
+def _axis_size(axis_name) -> int:
+    return 1 if axis_name is None else jax.lax.axis_size(axis_name)
+
+
+def _global_sums(a, b, n, axis_name):
+    """_sums over the batch of every device along `axis_name` (None: this device's), as
+    means over the n * devices elements."""
+    s1, s2 = _sums(a, b)
+    if axis_name is not None:
+        s1, s2 = jax.lax.psum((s1, s2), axis_name)
+    total = n * _axis_size(axis_name)
+    return s1 / total, s2 / total
+
+
+def _statistics(x, shift, groups, axis_name=None):
     """Per group and channel mean and biased variance, in one pass over x.
 
     The sum and the sum of squares of x - shift come from one reduction of the same
@@ -88,38 +116,43 @@ def _statistics(x, shift, groups):
     [C] or [groups, C]) keeps E[d^2] - E[d]^2 free of cancellation: float32 parity with
     PyTorch's two-pass statistics within 1e-5."""
     d = _grouped(x, groups) - shift[..., None, :]
-    n = d.shape[1]
-    s1, s2 = _sums(d, jnp.square(d))
-    s1, s2 = s1 / n, s2 / n
+    s1, s2 = _global_sums(d, jnp.square(d), d.shape[1], axis_name)
     return shift + s1, jnp.maximum(s2 - jnp.square(s1), 0.0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def batch_norm_train(x, scale, bias, shift, groups, epsilon, dtype):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def batch_norm_train(x, scale, bias, shift, groups, epsilon, dtype, axis_name=None):
     """Training-mode BatchNorm: (y in `dtype`, mean [groups, C], biased var [groups, C]).
 
     Statistics in float32 per group of the batch's leading axis. The backward pass is the
     closed form (two sibling reductions, sum(dy) and sum(dy * xhat), and one elementwise
     pass) rather than autodiff's trace of the forward graph, which XLA:GPU compiled to about
     a dozen kernels per layer. mean and var carry no gradient (they only feed the running
-    statistics)."""
-    return _bn_fwd(x, scale, bias, shift, groups, epsilon, dtype)[0]
+    statistics). With `axis_name` the statistics and the backward pass's two sums are those
+    of every device's batch; the scale and bias gradients stay this device's share (the
+    caller sums gradients across devices)."""
+    return _bn_fwd(x, scale, bias, shift, groups, epsilon, dtype, axis_name)[0]
 
 
-def _bn_fwd(x, scale, bias, shift, groups, epsilon, dtype):
-    mean, var = _statistics(x, shift, groups)
+def _bn_fwd(x, scale, bias, shift, groups, epsilon, dtype, axis_name=None):
+    mean, var = _statistics(x, shift, groups, axis_name)
     inv = jax.lax.rsqrt(var + epsilon)
     y = (_grouped(x, groups) - mean[:, None]) * (inv * scale)[:, None] + bias
     return (y.reshape(x.shape).astype(dtype), mean, var), (x, scale, mean, inv, shift)
 
 
-def _bn_bwd(groups, epsilon, dtype, res, cotangents):
+def _bn_bwd(groups, epsilon, dtype, axis_name, res, cotangents):
     x, scale, mean, inv, shift = res
     dy = _grouped(cotangents[0], groups)
     xhat = (_grouped(x, groups) - mean[:, None]) * inv[:, None]
     n = dy.shape[1]
-    sum_dy, sum_dy_xhat = _sums(dy, dy * xhat)  # [groups, C] each
-    dx = (scale * inv)[:, None] * (dy - (sum_dy / n)[:, None] - xhat * (sum_dy_xhat / n)[:, None])
+    sum_dy, sum_dy_xhat = _sums(dy, dy * xhat)  # [groups, C] each: this device's
+    mean_dy, mean_dy_xhat = sum_dy / n, sum_dy_xhat / n
+    if axis_name is not None:
+        total = n * _axis_size(axis_name)
+        mean_dy, mean_dy_xhat = jax.lax.psum((sum_dy, sum_dy_xhat), axis_name)
+        mean_dy, mean_dy_xhat = mean_dy / total, mean_dy_xhat / total
+    dx = (scale * inv)[:, None] * (dy - mean_dy[:, None] - xhat * mean_dy_xhat[:, None])
     return (
         dx.reshape(x.shape).astype(x.dtype),
         sum_dy_xhat.sum(axis=0),

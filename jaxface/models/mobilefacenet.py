@@ -35,7 +35,7 @@ class _Conv(nn.Module):
     prelu: bool
     dtype: jnp.dtype
     policy: Policy
-    bn_groups: int
+    bn_groups: int | str
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -68,7 +68,7 @@ class DepthWise(nn.Module):
     stride: int
     residual: bool
     policy: Policy
-    bn_groups: int
+    bn_groups: int | str
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -88,7 +88,7 @@ class Residual(nn.Module):
     num_block: int
     groups: int
     policy: Policy
-    bn_groups: int
+    bn_groups: int | str
     remat: bool = False
 
     @nn.compact
@@ -111,7 +111,7 @@ class GDC(nn.Module):
 
     embedding_size: int
     policy: Policy
-    bn_groups: int
+    bn_groups: int | str
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -138,7 +138,7 @@ class MobileFaceNet(nn.Module):
     scale: int = 2
     embedding_size: int = 512
     policy: Policy = Policy("fp32", jnp.float32)
-    bn_groups: int = 1
+    bn_groups: int | str = 1
     remat: bool = False
 
     @nn.compact
@@ -174,7 +174,7 @@ def get_mobilefacenet(
     *,
     embedding_size: int = 512,
     policy: Policy | None = None,
-    bn_groups: int = 1,
+    bn_groups: int | str = 1,
     remat: bool = False,
 ) -> MobileFaceNet:
     """`mbf` or `mbf_large`, as arcface_torch's get_mbf / get_mbf_large."""

@@ -184,7 +184,7 @@ class VisionTransformer(nn.Module):
     mask_ratio: float = 0.1
     embedding_size: int = 512
     policy: Policy = Policy("fp32", jnp.float32)
-    bn_groups: int = 1
+    bn_groups: int | str = 1
     remat: bool = False
 
     @property
@@ -245,7 +245,7 @@ def get_vit(
     *,
     embedding_size: int = 512,
     policy: Policy | None = None,
-    bn_groups: int = 1,
+    bn_groups: int | str = 1,
     remat: bool = False,
     **overrides,
 ) -> VisionTransformer:
