@@ -144,8 +144,12 @@ def train(cfg) -> dict:
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or epoch_end or last:
                 save(step)
                 saved = step
-            if (epoch_end or last) and is_main:
-                export_backbone(out, *run.backbone(state), cfg.network, step)
+            if epoch_end or last:
+                # Every process takes part in computing the exported weights (the running
+                # statistics' mean spans all devices); process 0 writes them.
+                backbone = run.backbone(state)
+                if is_main:
+                    export_backbone(out, *backbone, cfg.network, step)
             if verifier is not None and (step % cfg.verbose == 0 or last):
                 val_records += evaluate(step)
             if stop.signum:

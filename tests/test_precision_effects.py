@@ -36,7 +36,7 @@ def test_precision_sets_the_convolutions_dtype(repo, precision, dtype):
 
 def _jaxpr_text(run) -> str:
     images, labels = run.abstract_batch()
-    return str(jax.make_jaxpr(run.train_step)(run.abstract_state, images, labels))
+    return str(jax.make_jaxpr(run.train_step)(run.step_abstract_state, images, labels))
 
 
 @pytest.mark.parametrize("network", ["mbf", "vit_t"])
