@@ -212,6 +212,8 @@ class Config(Mapping):
 
 def _coerce(key: str, value: Any, field: Field, where: str) -> Any:
     """Bring a value from a config file or the command line to the field's type."""
+    if field.kind is list and isinstance(value, str) and value.lower() in ("none", "null", ""):
+        return ()  # `--config.val_targets=none`: no verification sets
     if (
         value is None
         or isinstance(value, Unset)

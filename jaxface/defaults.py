@@ -106,7 +106,8 @@ def get_config() -> dict:
         checkpoint_every=2000,  # steps; checkpoints are also written at each epoch end
         keep_checkpoints=3,
         # Verification sets: a path to a .bin, a name looked up as <rec>/<name>.bin (lfw,
-        # cfp_fp, agedb_30 as arcface_torch), or "synthetic" (held-out synthetic identities).
+        # cfp_fp, agedb_30 as arcface_torch), or "synthetic" (held-out synthetic identities);
+        # --config.val_targets=none: none (on synthetic or own data).
         val_targets=[],
         verbose=2000,  # evaluate on val_targets every this many steps, and at the end
         tensorboard=True,  # events in output/tensorboard besides metrics.jsonl

@@ -98,11 +98,35 @@ def _print_memory(title: str, mem: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _cpu_devices_before_jax(argv)
+    # Not at the top: the virtual CPU devices must be set before anything loads jax
+    # (jaxface.mesh does).
     from jaxface import cli
     from jaxface.gpu_target import TargetError
     from jaxface.mesh import MeshError
 
     return cli.run("jaxface.plan", _main, argv, ((MeshError, 2), (TargetError, 2)))
+
+
+def _cpu_devices_before_jax(argv: list[str]) -> None:
+    """Without a GPU target (or without the plugin to compile for one), `--devices D`
+    virtual CPU devices stand in: XLA reads their count when jax first loads."""
+    from jaxface import gpu_target
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--devices", type=int, default=None)
+    parser.add_argument("--target", default=None)
+    args, _ = parser.parse_known_args(argv)
+    on_cpu = args.target is None or not gpu_target.plugin_installed()
+    if "jax" in sys.modules or not on_cpu or args.devices is None:
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={args.devices}"
+        + " --xla_backend_optimization_level=0"  # buffer sizes do not depend on it
+    )
 
 
 def _main(argv: list[str]) -> int:
@@ -136,14 +160,6 @@ def _main(argv: list[str]) -> int:
         target = None
     else:
         memory_default = target.memory_bytes if target is not None else None
-    if "jax" not in sys.modules and target is None:  # virtual CPU devices, before jax starts
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={args.devices}"
-            + " --xla_backend_optimization_level=0"  # buffer sizes do not depend on it
-        )
-    # Not at the top: XLA_FLAGS above must be set before anything loads jax.
     from jaxface.config import derive, load_config, parse_overrides
 
     cfg = load_config(args.config, parse_overrides(rest))

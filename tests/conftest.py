@@ -32,9 +32,9 @@ from jaxface.optim import make_optimizer  # noqa: E402
 from jaxface.precision import LossScale  # noqa: E402
 from jaxface.step import (  # noqa: E402
     TrainState,
+    device_state,
     make_train_step,
     saved_state,
-    stats_on_devices,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,12 +93,14 @@ def jax_train_step(cfg, derived, model, params, stats, centres, batch, labels, m
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=all_params,
-        batch_stats=stats_on_devices(stats, mesh.size),
+        batch_stats=stats,
         opt_state=tx.init(all_params),
         rng=jax.random.key_data(jax.random.key(0)),
         loss_scale=LossScale.create(False),
         loss_state=loss.init_state() if hasattr(loss, "init_state") else {},
     )
+    # As the step holds it: kernels OHWI, BatchNorm statistics per device.
+    state = device_state(state, mesh.size)
     state = state.replace(
         params={**state.params, "head": {"centres": jax.device_put(centres, class_sharding(mesh))}}
     )

@@ -71,6 +71,13 @@ def test_overrides_are_typed(repo):
     assert cfg.lr == 0.05 and cfg.sync_bn is True
     assert cfg.margin_list == (1.0, 0.0, 0.4)
     assert cfg.max_steps is None and cfg.num_devices == 2
+    # A list key: `none` (or nothing) empties it; r50.py names three verification sets.
+    assert cfg.val_targets == ("lfw", "cfp_fp", "agedb_30")
+    for empty in ("none", "None", ""):
+        got = load_config(
+            repo / "configs/r50.py", parse_overrides([f"--config.val_targets={empty}"])
+        )
+        assert got.val_targets == ()
 
 
 def test_config_is_immutable_and_derived_values_are_not_written_back(repo):

@@ -467,3 +467,22 @@ def test_torch_model_pt_reuses_the_npz_features(full_run, layout, weights, tmp_p
     )
     assert "same weights and data" in capsys.readouterr().out
     np.testing.assert_array_equal(np.load(out / "ijbc.npy"), np.load(full_run / "ijbc.npy"))
+
+
+def test_a_far_below_one_over_the_negatives_reads_n_a():
+    """276 pairs, 200 negative: one false accept is a FAR of 0.005, so 1e-6 ... 1e-3 cannot
+    be measured (eval_ijbc.py would print the nearest ROC point's TAR, 100.00 here)."""
+    from jaxface.ijb.metrics import verification
+    from jaxface.ijb.report import verification_table
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(76, int), np.zeros(200, int)]
+    scores = labels + 0.1 * rng.normal(size=labels.size)
+    result = verification(labels, scores)
+    table = verification_table("r50", "IJBC", result)
+    row = table.splitlines()[2].split("|")[2:-1]
+    assert [c.strip() for c in row[:4]] == ["n/a"] * 4  # 1e-6, 1e-5, 1e-4, 1e-3
+    assert all(c.strip() != "n/a" for c in row[4:])  # 1e-2, 1e-1: measurable
+    assert "a FAR below 1/200 cannot be measured from 200 negative pairs" in table
+    many = verification(np.r_[labels, np.zeros(10**6, int)], np.r_[scores, -np.ones(10**6)])
+    assert "n/a" not in verification_table("r50", "IJBC", many)

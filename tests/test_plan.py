@@ -1,5 +1,9 @@
 """The memory planner: XLA's per-device memory analysis of the compiled step, no allocation."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from jaxface.config import load_config
@@ -51,3 +55,15 @@ def test_sampled_head_costs_two_float32_copies_per_class(repo):
     large = step_memory(cfg.replace(num_classes=16000), 2)["peak"]
     rows = (large - small) / ((16000 - 8000) / 2) / (256 * 4)
     assert 2.0 <= rows < 2.6, rows
+
+
+def test_the_command_gets_its_virtual_devices(repo):
+    """As a user runs it (a fresh process, no XLA_FLAGS): `--devices 8` makes 8 CPU devices
+    before jax loads, rather than finding the 1 it would have started with."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    cmd = [sys.executable, "-m", "jaxface.plan", "--config", "configs/demo.py", "--devices", "8"]
+    done = subprocess.run(
+        [*cmd, "--config.batch_size=2"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "8 devices: per device" in done.stdout

@@ -421,7 +421,8 @@ def test_inspect_lists_every_bad_record_and_draws_odd_sizes(tmp_path, capsys):
     items += [(b"\xff\xd8 broken", 1), (encode_jpeg(image(3)), 1), (b"\xff\xd8 also", 1)]
     pack_records(tmp_path / "odd", items, image_size=None)
     png = tmp_path / "m.png"
-    assert inspect_tool.main([str(tmp_path / "odd.rec"), "--check", "--montage", str(png)]) == 0
+    # Bad records found: exit 1, so that a script checking a dataset can tell.
+    assert inspect_tool.main([str(tmp_path / "odd.rec"), "--check", "--montage", str(png)]) == 1
     out = capsys.readouterr().out
     assert "100x100x3: 1" in out and "unreadable" in out
     assert out.count("BAD image") == 2 and "3 good, 2 bad" in out

@@ -4,7 +4,8 @@
 
 PATH: a `.rec` (or its folder / prefix), an image folder, or tfds:NAME. Prints records,
 identities, image sizes and the label range; `--check` decodes every image and lists every
-bad one (file, record key, byte offset); `--montage FILE.png` draws the first identities
+bad one (file, record key, byte offset), and exits 1 if there is any (as `gzip -t` or
+`git fsck` do), 0 when every record is good; `--montage FILE.png` draws the first identities
 (images of another size resized into their tile); `--write-idx` scans a `.rec` and writes
 its index (never over an existing one).
 """
@@ -101,18 +102,20 @@ def describe(args) -> int:
         shown = ", ".join(f"{w}x{h}x{c}: {k}" for (h, w, c), k in sizes.most_common())
         unread = f"; {len(bad)} unreadable (see --check)" if bad else ""
         print(f"  image sizes (of {sample.size} sampled): {shown}{unread}")
+    status = 0
     if args.check:
         _, bad = _readable(source, range(n))
         for line in bad:
             print(f"  BAD {line}")
         print(f"  check: {n - len(bad):,} good, {len(bad):,} bad")
+        status = 1 if bad else 0
     if n and montage_path is not None:
         grid, notes = montage(source, labels, args.identities, args.per_identity)
         atomic_write(montage_path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
         extra = f" ({'; '.join(notes)})" if notes else ""
         shown = min(args.identities, present.size)
         print(f"  montage of {shown} identities: {montage_path}{extra}")
-    return 0
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

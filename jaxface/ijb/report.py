@@ -33,12 +33,22 @@ def _pct(value: float) -> str:
 
 
 def verification_table(name: str, target: str, result: Verification) -> str:
-    """eval_ijbc.py's table as markdown: TAR (%) at each FAR, two decimals."""
+    """eval_ijbc.py's table as markdown: TAR (%) at each FAR, two decimals. A FAR below
+    1 / (negative pairs) cannot be measured (one false accept is already more): n/a, and a
+    line under the table says why (eval_ijbc.py prints the nearest ROC point's TAR)."""
     fars = list(result.tar)
+    floor = 1.0 / result.negatives if result.negatives else math.inf
+    cells = ["n/a" if f < floor else _pct(result.tar[f]) for f in fars]
     head = "| Methods | " + " | ".join(f"{far:g}" for far in fars) + " |"
     rule = "|---|" + "---:|" * len(fars)
-    row = f"| {name}-{target} | " + " | ".join(_pct(result.tar[f]) for f in fars) + " |"
-    return "\n".join([head, rule, row])
+    lines = [head, rule, f"| {name}-{target} | " + " | ".join(cells) + " |"]
+    if "n/a" in cells:
+        lines.append(
+            f"\nn/a: a FAR below 1/{result.negatives:,} cannot be measured from "
+            f"{result.negatives:,} negative pairs (one false accept is a FAR of "
+            f"{floor:.2g})."
+        )
+    return "\n".join(lines)
 
 
 def identification_table(name: str, target: str, result: IdentificationResult) -> str:
