@@ -187,11 +187,13 @@ def make_train_step(
 
     Forward and backward run per device inside one shard_map, as DDP ranks do: each device
     differentiates its share of the loss, the backbone's gradients are summed across devices
-    in `reduce_dtype` as a few flat buckets in backward order (jaxface.grad_buckets) and the
-    BatchNorm running statistics averaged as one buffer; the class centres' gradients stay
-    on their device. With `SampledSGD` the step differentiates with respect to the sampled
-    rows only, then updates the whole matrix elementwise in place: no dense [C, E]
-    gradient. Otherwise the gradient flows through the gather to the whole block.
+    in `reduce_dtype` as a few flat buckets in backward order (jaxface.grad_buckets), each
+    device keeps its own BatchNorm running statistics (the state's are [D, ...]), and the
+    class centres' gradients stay on their device. The state is in the step's layout
+    (`device_state`: kernels OHWI, statistics per device). With `SampledSGD` the step
+    differentiates with respect to the sampled rows only, then updates the whole matrix
+    elementwise in place: no dense [C, E] gradient. Otherwise the gradient flows through
+    the gather to the whole block.
     """
     policy = model.policy
     rows_only = isinstance(tx, SampledSGD)
