@@ -420,7 +420,28 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
                 f"--config.{key}: unknown config key {key!r}; known keys are in jaxface/defaults.py"
             )
         values[key] = _coerce(key, value, FIELDS[key], f"--config.{key}")
+    _check_no_dead_override(values, overrides or {}, source)
     return validate(values, source, frozenset(overrides or ()))
+
+
+# Keys that decide what another key would: (decides, overridden, what they decide).
+_SHADOWS = (("global_batch_size", "batch_size", "the batch"),)
+
+
+def _check_no_dead_override(values, overrides, source: str) -> None:
+    """A command-line value that another key of the config overrides would be silently
+    ignored: refuse it, naming both keys."""
+    for decides, shadowed, what in _SHADOWS:
+        if shadowed not in overrides or decides in overrides or decides not in values:
+            continue
+        value = _coerce(decides, values[decides], FIELDS[decides], source)
+        if value is not None:
+            raise ConfigError(
+                f"--config.{shadowed}: has no effect, {source} sets "
+                f"{decides}={value!r}, which decides {what}; change "
+                f"--config.{decides} instead (or add --config.{decides}=none to use "
+                f"{shadowed})"
+            )
 
 
 @dataclass(frozen=True)

@@ -215,3 +215,15 @@ def test_cli_subprocess_no_traceback(repo):
     assert proc.stderr.strip() == (
         "jaxface.train: error: config file 'configs/nothing.py' does not exist"
     )
+
+
+def test_a_command_line_key_another_key_overrides_is_refused(repo):
+    """adaface_r100.py sets global_batch_size: --config.batch_size alone would be ignored."""
+    job = repo / "configs/adaface_r100.py"
+    with pytest.raises(ConfigError) as err:
+        load_config(job, parse_overrides(["--config.batch_size=16"]))
+    assert str(err.value).startswith("--config.batch_size: has no effect")
+    assert "sets global_batch_size=512, which decides the batch" in str(err.value)
+    both = ["--config.batch_size=16", "--config.global_batch_size=none"]
+    assert load_config(job, parse_overrides(both)).batch_size == 16
+    assert load_config(repo / "configs/r50.py", {"batch_size": "16"}).batch_size == 16
