@@ -1,6 +1,8 @@
 """compare: FLOP counts, the tool end to end at tiny sizes for both frameworks, bad input."""
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -174,3 +176,26 @@ def test_a_repeated_batch_is_learnt_with_denormals_flushed(repo, tmp_path, monke
     cfg = load_config(repo / "configs/demo.py", {"num_classes": "20", "embedding_size": "16"})
     engine.build(cfg, derive(cfg, 1), engine.Options(), torch.device("cpu"))
     assert torch.tensor([1e-40]).item() == 0.0
+
+
+def test_gpu_benchmark_script_hands_the_profile_its_overrides_and_reports_failures(repo, tmp_path):
+    """compare/gpu_benchmark.sh with a stand-in python that logs its arguments: a tiny dry
+    run's config overrides and --steps reach the profile (it compiled the full r50 for
+    450 s before), compare's own options do not, and a part that fails makes it exit 1."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit ${{FAIL:-0}}\n')
+    fake.chmod(0o755)
+    cmd = ["bash", "compare/gpu_benchmark.sh", "--config.network=iresnet_tiny"]
+    cmd += ["--config.num_classes", "100", "--steps", "1", "--budget", "5"]
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "TOTAL": "400"}
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    profile = [line for line in log.read_text().splitlines() if "compare.profile" in line]
+    assert len(profile) == 1
+    args = profile[0].split()
+    assert "--config.network=iresnet_tiny" in args and "--budget" not in args
+    assert args[args.index("--config.num_classes") + 1] == "100"
+    assert args[args.index("--steps") + 1] == "1"
+    failed = subprocess.run(cmd, cwd=repo, env={**env, "FAIL": "3"}, capture_output=True, text=True)
+    assert failed.returncode == 1 and "compare.profile exited with 3" in failed.stdout
