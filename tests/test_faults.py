@@ -112,6 +112,30 @@ def test_synthetic_packing_never_touches_user_data(repo, tmp_path, form):
     assert not (tmp_path / "run" / "config.json").exists()  # nothing written for a bad start
 
 
+def test_a_folder_of_photos_is_never_filled_with_synthetic_data(repo, tmp_path):
+    """The demo config pointed at a folder of the user's own JPEGs (no train.rec): it used
+    to pack 180 MB of synthetic identities into it and train on them."""
+    photos = tmp_path / "MYFACES"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"IMG_{i}.jpg").write_bytes(encode_jpeg(np.full((112, 112, 3), i, np.uint8)))
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    cfg = _cfg(repo, tmp_path / "run", rec=photos, pack_synthetic=True)
+    with pytest.raises(ConfigError) as err:
+        prepare(cfg)
+    message = str(err.value)
+    assert f"{photos} holds 3 file(s) jaxface did not write (IMG_0.jpg, IMG_1.jpg" in message
+    assert "set pack_synthetic=false" in message
+    assert main(_argv(cfg)) == 2
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+    # An empty folder is where synthetic data was asked for: packed there.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare(_cfg(repo, tmp_path / "run2", rec=empty, pack_synthetic=True, num_classes=2,
+                 num_image=4))  # fmt: skip
+    assert (empty / "train.rec").exists()
+
+
 def test_synthetic_pack_is_marked_reused_and_repacked_with_a_message(repo, tmp_path):
     said = []
     cfg = _cfg(repo, tmp_path / "run", rec=tmp_path / "syn" / "train", pack_synthetic=True,

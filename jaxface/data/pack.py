@@ -250,6 +250,8 @@ def ensure_synthetic(
     temporary names renamed at the end, so an interrupted pack is never mistaken for a
     finished one. Call it from one process (e.g. process 0) and let the others wait."""
     prefix = synthetic_prefix(rec)
+    if Path(rec).is_dir():  # a folder named as the data: it must not be someone's photos
+        _check_folder_is_ours(prefix)
     rec_path, idx = prefix.with_name(prefix.name + ".rec"), prefix.with_name(prefix.name + ".idx")
     stamp = prefix.with_name(prefix.name + ".synthetic.json")
     params = dict(
@@ -290,6 +292,22 @@ def ensure_synthetic(
     os.replace(summary.rec, rec_path)
     atomic_write(stamp, lambda f: f.write(json.dumps(params).encode()))
     return rec_path
+
+
+def _check_folder_is_ours(prefix: Path) -> None:
+    """Synthetic data goes only into a new or empty folder, or one holding nothing but an
+    earlier pack: a folder with other files (a user's photos) is the user's data."""
+    folder = prefix.parent
+    ours = (prefix.name + ".", "." + prefix.name + ".")
+    others = sorted(p.name for p in folder.iterdir() if not p.name.startswith(ours))
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise NotOurFileError(
+            f"{folder} holds {len(others)} file(s) jaxface did not write ({shown}): "
+            "synthetic identities are packed only into a new or empty folder. To train on "
+            "your own images, set pack_synthetic=false (an image folder needs one "
+            "sub-folder per identity: docs/data.md); for the demo, point 'rec' elsewhere"
+        )
 
 
 def _read_stamp(prefix: Path) -> dict | None:
