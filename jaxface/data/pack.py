@@ -26,11 +26,10 @@ import numpy as np
 from jaxface import cli
 from jaxface.data.decode import DecodeError, decode_image, encode_jpeg
 from jaxface.data.recordio import RecordIOWriter, pack_payload
+from jaxface.data.sources import list_image_folder
 from jaxface.data.synthetic import SyntheticFaces
 from jaxface.fileio import atomic_write
 from jaxface.progress import format_duration
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass(frozen=True)
@@ -116,23 +115,6 @@ def pack_records(
                 key += 1
             writer.overwrite(header_offset, pack_payload([float(first_identity), float(key)], b""))
     return PackSummary(rec, idx, num_images, num_classes)
-
-
-def list_image_folder(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """(path, label) of every image under root/IDENTITY/, identities sorted by name."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"{root} is not a folder of identity sub-folders")
-    names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not names:
-        raise ValueError(f"{root} has no sub-folders (one per identity expected)")
-    items = []
-    for label, name in enumerate(names):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        items.extend((p, label) for p in files)
-    if not items:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return items, names
 
 
 def pack_folder(

@@ -15,9 +15,27 @@ from typing import Protocol
 import numpy as np
 
 from jaxface.data.decode import DecodeError, decode_image, decode_into
-from jaxface.data.pack import list_image_folder
 from jaxface.data.recordio import RecordFile, RecordIOError, RecordIOWarning, resolve_rec_path
 from jaxface.data.synthetic import SyntheticFaces
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def list_image_folder(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(path, label) of every image under root/IDENTITY/, identities sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder of identity sub-folders")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not names:
+        raise ValueError(f"{root} has no sub-folders (one per identity expected)")
+    items = []
+    for label, name in enumerate(names):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        items.extend((p, label) for p in files)
+    if not items:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return items, names
 
 
 class ImageSource(Protocol):
