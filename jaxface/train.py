@@ -241,7 +241,8 @@ def _restore_or_init(run: Run, checkpoint_dir: Path, stream: dict, say):
             raise
         return run.to_step(state), checkpointer
     if is_main:  # an earlier run's results are moved aside, never overwritten
-        for earlier in (checkpoint_dir, checkpoint_dir.parent / "metrics.jsonl"):
+        out = checkpoint_dir.parent
+        for earlier in (checkpoint_dir, out / "metrics.jsonl", out / "tensorboard"):
             moved = set_aside(earlier)
             if moved:
                 say(f"{earlier} of an earlier run moved to {moved.name} (resume=false)")

@@ -120,3 +120,20 @@ def test_val_targets_resolve(repo, tmp_path):
     cfg = _cfg(repo, tmp_path, val_targets="lfw", rec=str(tmp_path / "data"))
     with pytest.raises(ConfigError, match=r"'lfw' -> .*data/lfw.bin does not exist"):
         verification_paths(cfg, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_fresh_run_sets_the_earlier_runs_records_aside(repo, tmp_path, capsys):
+    """resume=false over an earlier run: its checkpoints, metrics and TensorBoard events are
+    moved aside (never overwritten, never mixed with the new run's)."""
+    cfg = _cfg(repo, tmp_path, max_steps=1, tensorboard=True, num_devices=1)
+    train(cfg)
+    run = tmp_path / "run"
+    first_events = sorted(p.name for p in (run / "tensorboard").iterdir())
+    train(cfg)
+    out = capsys.readouterr().out
+    for name in ("checkpoints", "metrics.jsonl", "tensorboard"):
+        assert f"{run / name} of an earlier run moved to {name}." in out
+        (moved,) = run.glob(f"{name}.*")
+    assert sorted(p.name for p in moved.iterdir()) == first_events  # the tensorboard one
+    assert len(list((run / "tensorboard").iterdir())) == 1  # the new run's events only
