@@ -164,6 +164,8 @@ def _main(argv: list[str]) -> int:
 
     cfg = load_config(args.config, parse_overrides(rest))
     hosts = args.hosts if target is not None else 1
+    # Each compile of a large step takes tens of seconds on a CPU: say what is happening.
+    print(f"compiling the train step for {args.devices} device(s) ...", flush=True)
     mem = step_memory(cfg, args.devices, target, hosts)
     where = f" ({target.device_name}, compile-only)" if target is not None else ""
     if hosts > 1:
@@ -177,6 +179,11 @@ def _main(argv: list[str]) -> int:
     if memory_bytes is None and args.target and memory_default:
         memory_bytes = memory_default
     if memory_bytes:
+        print(
+            f"finding the largest class count within {memory_bytes / 1e9:g} GB (three or more "
+            "compiles) ...",
+            flush=True,
+        )
         best, fit = largest_class_count(cfg, args.devices, memory_bytes, target, hosts)
         print(
             f"largest class count within {memory_bytes / 1e9:g} GB per device: {best:,} "

@@ -123,6 +123,11 @@ def train(cfg) -> dict:
         cleanup.callback(feed.close)
         meter = Meter(derived.run_steps, derived.global_batch)
         pending, history, val_records = [], [], []
+        # The first step compiles the program (from seconds to minutes): say so before it.
+        progress.message(
+            f"compiling the train step ({cfg.network}, {run.mesh.size} device(s), global batch "
+            f"{derived.global_batch}); step {start_step + 1} waits for it"
+        )
         t_start = time.perf_counter()
         step = saved = start_step
         stop = cleanup.enter_context(StopRequest(cfg.signal_timeout, progress.message))
