@@ -1,5 +1,7 @@
 """Host loader: order, sharding across processes, resume, workers, skip_corrupt, sources."""
 
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -294,8 +296,6 @@ def test_tfds_source_through_data_source(monkeypatch):
 
 
 def test_data_package_imports_neither_jax_nor_torch():
-    import subprocess
-
     code = (
         "import sys, jaxface.data, jaxface.data.loader, jaxface.data.pack, "
         "jaxface.data.inspect, jaxface.data.bench; "
@@ -323,3 +323,38 @@ def test_a_dead_worker_fails_the_batch_instead_of_hanging():
     warned = pytest.warns(RecordIOWarning, match="restarted the workers")
     with ld, warned, pytest.raises(LoaderError, match=died):
         ld.batch(0)
+
+
+SCRIPT = """
+from jaxface.data.loader import HostLoader
+from jaxface.data.sources import SyntheticDataset
+
+def main():
+    source = SyntheticDataset(10, 100, 0, 0.3, 4)
+    loader = HostLoader(source, global_batch=8, workers=2, prefetch=1)
+    print("batch", loader.batch(0)[0].shape)
+    loader.close()
+
+{call}
+"""
+
+
+def test_a_script_without_the_main_guard_is_told_so(repo, tmp_path):
+    """Spawned decode workers import the parent's script again; unguarded, each built a
+    loader of its own and the run ended with 'killed for memory?'. Now each worker says
+    what is wrong in one line (as docs/data.md's snippet shows the guard)."""
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    bare = tmp_path / "bare.py"
+    bare.write_text(SCRIPT.format(call="main()"))
+    done = subprocess.run(
+        [sys.executable, str(bare)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert f"{bare} creates a HostLoader at import, so every spawned decode worker" in done.stderr
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text(SCRIPT.format(call='if __name__ == "__main__":\n    main()'))
+    done = subprocess.run(
+        [sys.executable, str(guarded)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "batch (8, 112, 112, 3)" in done.stdout and "HostLoader at import" not in done.stderr

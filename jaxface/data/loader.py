@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import re
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -81,6 +82,22 @@ def _fill(source, out, row0, indices, params, skip_corrupt):
 
 RING_PREFIX = "jaxface-ring-"
 _MAX_POOL_RESTARTS = 3  # decode-worker deaths tolerated in one run before giving up
+
+
+def _script_reimported_by_a_worker() -> str | None:
+    """The parent's script, when this call comes from its top-level code being re-run by a
+    spawned process importing it (`__mp_main__`); None otherwise."""
+    main = sys.modules.get("__mp_main__")
+    # `_inheriting`: multiprocessing's own flag for a spawned child still bootstrapping
+    # (what its "before the current process has finished its bootstrapping" check reads).
+    if main is None or not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals is vars(main):
+            return getattr(main, "__file__", "the main script")
+        frame = frame.f_back
+    return None
 
 
 class LoaderError(RuntimeError):
@@ -192,6 +209,17 @@ class HostLoader:
         image_size: int = 112,
         chunk: int | None = None,
     ):
+        script = _script_reimported_by_a_worker()
+        if workers and script is not None:
+            # Spawned decode workers import the parent's script again; unguarded, it makes
+            # a loader whose workers would do the same. One line, no traceback, per worker.
+            print(
+                f"jaxface.data.loader: {script} creates a HostLoader at import, so every "
+                "spawned decode worker runs it again: put that code under "
+                '`if __name__ == "__main__":`',
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
         if global_batch % process_count:
             raise ValueError(
                 f"global batch {global_batch} is not divisible by {process_count} processes"
@@ -354,7 +382,9 @@ class HostLoader:
             raise LoaderError(
                 f"data loader: a decode worker died {self.restarts} times (the last while "
                 f"loading step {step}); killed for memory? a crash in the image decoder? "
-                "Fewer workers (config key 'num_workers') or a smaller prefetch use less memory"
+                "Fewer workers (config key 'num_workers') or a smaller prefetch use less "
+                "memory. From a script: the workers' own messages above say if it lacks "
+                '`if __name__ == "__main__":`'
             )
         warnings.warn(
             f"data loader: a decode worker died while loading step {step}; restarted the "
