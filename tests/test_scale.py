@@ -71,9 +71,10 @@ def test_sampling_keeps_positives_and_equals_dense_on_sampled_columns():
 
 def test_sample_rate_too_small_is_explained(repo):
     cfg = load_config(repo / "configs/r50.py", {"sample_rate": "0.001"})
-    with pytest.raises(ConfigError, match=r"'sample_rate'=0.001 keeps 77 of the 77247 centres"):
+    # int(0.001 * 77,247) = 77 rows, rounded up to a multiple of 32 (SAMPLE_ROW_ALIGN).
+    with pytest.raises(ConfigError, match=r"'sample_rate'=0.001 keeps 96 of the 77247 centres"):
         derive(cfg, 8)
-    assert derive(cfg.replace(sample_rate=0.1), 8).num_sample == 7724
+    assert derive(cfg.replace(sample_rate=0.1), 8).num_sample == 7744  # 7,724 -> 7,744
     with pytest.raises(ConfigError, match=r"'sample_rate'=0.0 must be in \(0, 1\]"):
         load_config(repo / "configs/r50.py", {"sample_rate": "0"})
     with pytest.raises(ConfigError, match="'gradient_acc': num_image=1000 is smaller than one"):
@@ -145,7 +146,8 @@ def test_fp16_overflow_skips_the_update_and_halves_the_scale(repo):
 
 
 def _sampled_problem(repo, precision="fp32"):
-    """200 classes on 2 devices, a quarter of each block sampled: SampledSGD's setting."""
+    """200 classes on 2 devices, 32 of each block's 100 rows sampled (sample_rate 0.25:
+    25, rounded up to a multiple of 32): SampledSGD's setting."""
     cfg, mesh, model, tx, schedule, state = _setup(
         repo, precision, devices=2, num_classes=200, sample_rate=0.25
     )
@@ -163,13 +165,13 @@ def test_sampled_sgd_equals_the_dense_update(repo):
     """The row update (no dense gradient) gives torch SGD's dense result: decay and momentum
     on every row, the sampled rows' gradients on theirs."""
     cfg, mesh, model, tx, schedule, state, derived, sampled = _sampled_problem(repo)
-    assert isinstance(tx, SampledSGD) and derived.num_sample == 25
+    assert isinstance(tx, SampledSGD) and derived.num_sample == 32
     dense_cfg = cfg.replace(sample_rate=1.0)
     dense_tx, _ = make_optimizer(dense_cfg, derive(dense_cfg, 2))
     assert not isinstance(dense_tx, SampledSGD)
     dense_init = make_init_fn(model, dense_tx, 200, derived.num_classes_padded)
     dense_state = jax.jit(lambda s: device_state(dense_init(s), mesh.size))(0)
-    dense = jax.jit(make_train_step(model, dense_tx, schedule, Margin(), 200, mesh, num_sample=25))
+    dense = jax.jit(make_train_step(model, dense_tx, schedule, Margin(), 200, mesh, num_sample=32))
     start = jax.device_get(state.params["head"]["centres"])
     for i in range(3):
         images, _ = _batch(16, seed=i)
