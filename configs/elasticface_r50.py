@@ -1,9 +1,9 @@
 """IResNet-50, ElasticFace-Arc as fdbtrs/ElasticFace config/config.py sets it for
 MS1MV2 (emoreIresNet): s 64, m 0.5, std 0.05, 128 images per GPU, lr 0.1, momentum 0.9,
-weight decay 5e-4, 26 epochs. For ElasticFace-Arc+ its config uses std 0.0175
-(--config.elastic_plus=true --config.elastic_std=0.0175); ElasticFace-Cos: loss
-elasticface_cos, m 0.35, std 0.05 (+: 0.02). Schedule: jaxface's polynomial decay
-(ElasticFace: x0.1 at epochs 8, 14, 20, 25)."""
+weight decay 5e-4, 26 epochs. m and std are left unset so that the loss's official values
+apply: --config.elastic_plus=true gives ElasticFace-Arc+ (std 0.0175),
+--config.loss=elasticface_cos ElasticFace-Cos (m 0.35, std 0.05; with plus 0.02).
+Schedule: jaxface's polynomial decay (ElasticFace: x0.1 at epochs 8, 14, 20, 25)."""
 
 from configs.base import get_config as base_config
 
@@ -12,8 +12,6 @@ def get_config() -> dict:
     return base_config() | dict(
         network="r50",
         loss="elasticface_arc",
-        elastic_m=0.5,
-        elastic_std=0.05,
         elastic_plus=False,
         scale=64.0,
         margin_grad="exact",  # the official code differentiates through acos/cos

@@ -109,7 +109,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "sample_rate": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
     "loss": _one_of(*LOSSES),
     "adaface_m": _angle,
-    "adaface_h": _positive,
+    "adaface_h": _non_negative,
     "adaface_t_alpha": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
     "curricular_m": _angle,
     "magface_l_a": _positive,
@@ -303,8 +303,40 @@ def validate(
                 where = f"--config.{key}" if key in from_command_line else source
                 raise ConfigError(f"{where}: config key {key!r}={value!r} {problem}")
         typed[key] = value
+    _official_loss_values(typed)
     _check_consistency(typed, source)
     return Config(typed, source)
+
+
+# What each loss's official code uses for the keys left unset (None): a loss switch on the
+# command line brings its own paper's setting. margin_grad: arcface_torch applies the margin
+# under no_grad; AdaFace, CurricularFace, MagFace and ElasticFace differentiate it (autograd).
+# ElasticFace: fdbtrs/ElasticFace config/config.py (ElasticArcFace m 0.5 std 0.05,
+# ElasticArcFacePlus std 0.0175, ElasticCosFace m 0.35 std 0.05, ElasticCosFacePlus std 0.02).
+_ELASTIC_M = {"elasticface_arc": 0.5, "elasticface_cos": 0.35}
+_ELASTIC_STD = {
+    ("elasticface_arc", False): 0.05,
+    ("elasticface_arc", True): 0.0175,
+    ("elasticface_cos", False): 0.05,
+    ("elasticface_cos", True): 0.02,
+}
+
+
+def official_loss_values(loss: str, elastic_plus: bool = False) -> dict[str, Any]:
+    """The values `margin_grad`, `elastic_m` and `elastic_std` take for `loss` when unset."""
+    kind = loss if loss in _ELASTIC_M else "elasticface_arc"  # unused by the other losses
+    return {
+        "margin_grad": "straight_through" if loss == "margin" else "exact",
+        "elastic_m": _ELASTIC_M[kind],
+        "elastic_std": _ELASTIC_STD[kind, elastic_plus],
+    }
+
+
+def _official_loss_values(values: dict[str, Any]) -> None:
+    official = official_loss_values(values["loss"], values["elastic_plus"])
+    for key, value in official.items():
+        if values[key] is None:
+            values[key] = value
 
 
 def _check_consistency(values: dict[str, Any], source: str) -> None:

@@ -39,14 +39,16 @@ def get_config() -> dict:
         margin_list=(1.0, 0.5, 0.0),  # ArcFace; (1.0, 0.0, 0.4) is CosFace
         scale=64.0,
         interclass_filtering_threshold=0.0,  # > 0 zeroes negative cosines above it
-        margin_grad="straight_through",  # straight_through (arcface_torch) | exact
+        # straight_through (arcface_torch) | exact. None: the loss's official one, i.e.
+        # straight_through for loss=margin, exact for the others (their code uses autograd).
+        margin_grad=Unset(str),
         sample_rate=1.0,  # Partial FC: fraction of each device's centres scored per step
         # The head's loss (docs/losses.md): margin (the combined margin above, ArcFace by
         # default) | adaface | curricularface | magface | elasticface_arc | elasticface_cos.
         # `scale` and `margin_grad` apply to every loss; margin_list only to `margin`.
         loss="margin",
         adaface_m=0.4,  # AdaFace (mk-minchul/AdaFace head.py): the margin
-        adaface_h=0.333,  # how strongly the feature norm moves the margin, > 0
+        adaface_h=0.333,  # how strongly the feature norm moves the margin, >= 0 (0: CosFace-like)
         adaface_t_alpha=0.01,  # momentum of the norm's running mean and std, in (0, 1]
         curricular_m=0.5,  # CurricularFace: the additive angular margin
         magface_l_a=10.0,  # MagFace: feature norms are clipped to [l_a, u_a]
@@ -54,8 +56,11 @@ def get_config() -> dict:
         magface_l_m=0.45,  # the margin at norm l_a ...
         magface_u_m=0.8,  # ... rising linearly to this at norm u_a
         magface_lambda_g=35.0,  # weight of the norm regulariser g(a) = a / u_a^2 + 1 / a
-        elastic_m=0.5,  # ElasticFace: mean of the per-sample margin (0.35 for elasticface_cos)
-        elastic_std=0.05,  # its standard deviation (0.0175 / 0.02 for the "+" variants)
+        # ElasticFace: mean of the per-sample margin; None: the official 0.5 (Arc) / 0.35 (Cos).
+        elastic_m=Unset(float),
+        # its standard deviation; None: the official 0.05, or for the "+" variants 0.0175
+        # (Arc) / 0.02 (Cos) (fdbtrs/ElasticFace config/config.py).
+        elastic_std=Unset(float),
         elastic_plus=False,  # ElasticFace+: margins handed out by the target cosine's order
         # Optimisation.
         optimizer="sgd",  # sgd | adamw
@@ -97,7 +102,10 @@ def get_config() -> dict:
         progress="auto",  # auto (a live line on a terminal, plain lines otherwise) | bar | plain
         output="work_dirs/run",
         # Checkpoints and evaluation.
-        resume=False,  # continue from the latest usable checkpoint in output/checkpoints
+        # true: continue from the latest usable checkpoint in output/checkpoints; auto: the
+        # same if output holds a checkpoint, else start fresh (one command for the first
+        # start and every requeue of a cluster job, docs/faults.md)
+        resume=False,
         allow_data_change=False,  # resume even if batch size, seed or data differ (a new stream)
         # resume even if the train state's structure changed (momentum switched off, sampling
         # switched on, another optimizer or loss): restore what matches, initialise the rest

@@ -227,3 +227,46 @@ def test_a_command_line_key_another_key_overrides_is_refused(repo):
     both = ["--config.batch_size=16", "--config.global_batch_size=none"]
     assert load_config(job, parse_overrides(both)).batch_size == 16
     assert load_config(repo / "configs/r50.py", {"batch_size": "16"}).batch_size == 16
+
+
+# The official values, restated from each paper's code (not read from jaxface): ElasticFace's
+# fdbtrs/ElasticFace config/config.py; margin gradients: arcface_torch applies the margin
+# under no_grad, AdaFace / CurricularFace / MagFace / ElasticFace differentiate it.
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"loss": "margin"}, {"margin_grad": "straight_through"}),
+        ({"loss": "adaface"}, {"margin_grad": "exact", "adaface_h": 0.333}),
+        ({"loss": "curricularface"}, {"margin_grad": "exact"}),
+        ({"loss": "magface"}, {"margin_grad": "exact"}),
+        (
+            {"loss": "elasticface_arc"},
+            {"margin_grad": "exact", "elastic_m": 0.5, "elastic_std": 0.05},
+        ),
+        (
+            {"loss": "elasticface_arc", "elastic_plus": "true"},
+            {"elastic_m": 0.5, "elastic_std": 0.0175},
+        ),
+        ({"loss": "elasticface_cos"}, {"elastic_m": 0.35, "elastic_std": 0.05}),
+        (
+            {"loss": "elasticface_cos", "elastic_plus": "true"},
+            {"elastic_m": 0.35, "elastic_std": 0.02},
+        ),
+        # What the user sets stays.
+        (
+            {"loss": "elasticface_cos", "elastic_m": "0.3", "margin_grad": "straight_through"},
+            {"elastic_m": 0.3, "elastic_std": 0.05, "margin_grad": "straight_through"},
+        ),
+        ({"loss": "adaface", "adaface_h": "0"}, {"adaface_h": 0.0}),
+    ],
+)
+def test_a_loss_switch_brings_its_official_parameters(repo, overrides, expected):
+    cfg = load_config(repo / "configs/r50.py", overrides)
+    assert {key: cfg[key] for key in expected} == expected
+
+
+def test_the_elasticface_job_config_follows_its_switches(repo):
+    job = repo / "configs/elasticface_r50.py"
+    assert load_config(job, {"elastic_plus": "true"}).elastic_std == 0.0175
+    cos = load_config(job, {"loss": "elasticface_cos", "elastic_plus": "true"})
+    assert (cos.elastic_m, cos.elastic_std) == (0.35, 0.02)

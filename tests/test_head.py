@@ -7,6 +7,7 @@ import pytest
 from conftest import head_loss
 
 from jaxface.heads import Margin, init_class_centres
+from jaxface.heads.losses import ElasticFace
 from jaxface.mesh import batch_sharding, class_sharding, make_mesh
 
 
@@ -116,6 +117,34 @@ def test_gradient_modes():
     np.testing.assert_allclose(float(exact), np.sin(theta + 0.5) / np.sin(theta), rtol=1e-5)
     # Near cos = 1 the exact derivative grows large but stays finite.
     assert np.isfinite(float(jax.grad(Margin(1, 0.5, 0, grad="exact").target_logit)(1.0)))
+
+
+def _arcface_target(c):
+    return np.cos(np.arccos(np.float64(np.float32(c))) + 0.5)  # at the float32 input
+
+
+@pytest.mark.parametrize("c", [1.0, 1 - 3e-7, -1.0, -1 + 3e-7])
+def test_exact_mode_keeps_the_value_at_the_true_cosine(c):
+    """Only the derivative is taken inside 1e-6 of +-1: the loss value is the formula's
+    (clipping the cosine itself moved it by up to 0.044 for m = 0.5)."""
+    margin = Margin(1, 0.5, 0, grad="exact")
+    value, grad = jax.value_and_grad(margin.target_logit)(jnp.float32(c))
+    np.testing.assert_allclose(float(value), _arcface_target(c), atol=2e-6)
+    inside = np.clip(c, -1 + 1e-6, 1 - 1e-6)
+    theta = np.arccos(inside)
+    np.testing.assert_allclose(float(grad), np.sin(theta + 0.5) / np.sin(theta), rtol=2e-2)
+    # The per-sample losses' exact paths go through the same function.
+    elastic = ElasticFace(kind="arc", m=0.5, scale=1.0, grad="exact")
+
+    def elastic_target(x):
+        logits = elastic.logits(
+            x.reshape(1, 1), jnp.ones((1, 1), bool), {"margin": jnp.full(1, 0.5)}
+        )
+        return logits[0, 0]
+
+    value, grad = jax.value_and_grad(elastic_target)(jnp.float32(c))
+    np.testing.assert_allclose(float(value), _arcface_target(c), atol=2e-6)
+    assert np.isfinite(float(grad))
 
 
 def test_filtering_zeroes_only_negatives():

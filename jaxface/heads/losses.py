@@ -36,8 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxface.config import LOSSES, NORM_LOSSES  # noqa: F401 - the names, listed once
-
-_EXACT_EPS = 1e-6  # as jaxface.heads.margins: exact gradients stay finite at cos = +-1
+from jaxface.heads.margins import exact_at
 
 
 class RowContext(NamedTuple):
@@ -57,10 +56,9 @@ def _offset(cos, value, grad: str):
 
 
 def _arc(cos, m, grad: str):
-    """cos(arccos(cos) + m); exact gradients keep cos within 1e-6 of +-1."""
+    """cos(arccos(cos) + m); exact gradients are taken within 1e-6 of +-1 (`exact_at`)."""
     if grad == "exact":
-        c = jnp.clip(cos, -1.0 + _EXACT_EPS, 1.0 - _EXACT_EPS)
-        return jnp.cos(jnp.arccos(c) + m)
+        return exact_at(lambda c: jnp.cos(jnp.arccos(c) + m), cos)
     c = jax.lax.stop_gradient(cos)
     return cos + jax.lax.stop_gradient(jnp.cos(jnp.arccos(c) + m) - c)
 
@@ -152,7 +150,7 @@ class CurricularFace(PerSampleLoss):
         hard = cos > rows["target_m"][:, None]
         negatives = jnp.where(hard, cos * (rows["t"] + cos), cos)
         if self.grad == "exact":
-            target = self._margined(jnp.clip(cos, -1 + _EXACT_EPS, 1 - _EXACT_EPS))[1]
+            target = exact_at(lambda c: self._margined(c)[1], cos)
         else:
             target = _offset(cos, self._margined(jax.lax.stop_gradient(cos))[1], self.grad)
         return jnp.where(is_target, target, negatives) * self.scale
@@ -184,7 +182,7 @@ class MagFace(PerSampleLoss):
             return jnp.where(c > 0, c * jnp.cos(m) - sin * jnp.sin(m), c)
 
         if self.grad == "exact":
-            target = margined(jnp.clip(cos, -1 + _EXACT_EPS, 1 - _EXACT_EPS))
+            target = exact_at(margined, cos)
         else:  # the cosine's gradient cut, the margin's (the norm's) kept
             c = jax.lax.stop_gradient(cos)
             target = cos - c + margined(c)
