@@ -11,7 +11,7 @@ import pytest
 
 from jaxface.align import align_file
 from jaxface.ijb.__main__ import main
-from jaxface.ijb.meta import meta_files
+from jaxface.ijb.meta import meta_files, read_meta
 from jaxface.ijb.metrics import FARS, identification, roc_curve, tar_at_far
 from jaxface.ijb.protocol import Switches, scores_from_features
 from jaxface.ijb.synthetic import write_layout
@@ -486,3 +486,18 @@ def test_a_far_below_one_over_the_negatives_reads_n_a():
     assert "a FAR below 1/200 cannot be measured from 200 negative pairs" in table
     many = verification(np.r_[labels, np.zeros(10**6, int)], np.r_[scores, -np.ones(10**6)])
     assert "n/a" not in verification_table("r50", "IJBC", many)
+
+
+def test_the_synthetic_layout_command_writes_a_new_folder_only(tmp_path, capsys):
+    from jaxface.ijb.synthetic import main as synthetic_main
+
+    out = tmp_path / "IJBB"
+    assert synthetic_main([str(out), "--target", "ijbb", "--subjects", "3"]) == 0
+    assert "evaluate with python -m jaxface.ijb --root" in capsys.readouterr().out
+    meta = read_meta(out, "IJBB")
+    assert len(meta.images) == len(list((out / "loose_crop").iterdir())) > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["IJBB"]  # no temporary folder left
+    before = sorted(p.name for p in (out / "loose_crop").iterdir())
+    assert synthetic_main([str(out)]) == 2
+    assert "exists; give a new folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "loose_crop").iterdir()) == before

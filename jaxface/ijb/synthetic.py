@@ -1,18 +1,32 @@
-"""A synthetic IJB layout for tests and the benchmark: InsightFace's file formats, faces
-from jaxface.data.synthetic placed in larger 'loose crops' by a random similarity transform
-whose image of ArcFace's template is written as the five landmarks."""
+"""A synthetic IJB layout for tests, the benchmark and a dry run of the IJB evaluation:
+InsightFace's file formats, faces from jaxface.data.synthetic placed in larger 'loose crops'
+by a random similarity transform whose image of ArcFace's template is written as the five
+landmarks.
+
+    python -m jaxface.ijb.synthetic OUT [--target IJBC|IJBB] [--subjects 6]
+        [--templates-per-subject 4] [--seed 0]
+
+writes OUT/loose_crop and OUT/meta as IJB_release/IJBC does (OUT must not exist; it is
+written under a temporary name and renamed when complete), for
+`python -m jaxface.ijb --root OUT --target IJBC ...`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from jaxface import cli
 from jaxface.align import ARCFACE_TEMPLATE, IMAGE_SIZE
 from jaxface.data.synthetic import SyntheticFaces
-from jaxface.ijb.meta import meta_files
+from jaxface.ijb.meta import TARGETS, meta_files
 
 
 @dataclass(frozen=True)
@@ -104,3 +118,51 @@ def write_layout(
         for kind, lines in rows.items():
             files[kind].write_text(header + "\n".join(lines) + "\n")
     return Layout(root, len(face_lines), count, len(pairs), np.asarray(template_subject))
+
+
+PROG = "python -m jaxface.ijb.synthetic"
+
+
+def _write_new(args) -> int:
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; give a new folder (nothing was written)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        layout = write_layout(tmp, args.target, args.subjects, args.templates_per_subject,
+                              args.seed)  # fmt: skip
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(
+        f"{out}: synthetic {args.target}, {args.subjects} subjects, {layout.templates} "
+        f"templates, {layout.faces} images, {layout.pairs} pairs; evaluate with "
+        f"python -m jaxface.ijb --root {out} --target {args.target} --weights RUN --out DIR"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="the folder to create (must not exist)")
+    p.add_argument("--target", default="IJBC", type=str.upper, choices=TARGETS)
+    p.add_argument("--subjects", type=int, default=6, help="identities (default 6)")
+    p.add_argument("--templates-per-subject", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(args):
+        parsed = build_parser().parse_args(args)
+        if parsed.subjects < 2 or parsed.templates_per_subject < 2:
+            raise ValueError("--subjects and --templates-per-subject must be >= 2")
+        return _write_new(parsed)
+
+    return cli.run(PROG, body, argv, ((ValueError, 2),))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
