@@ -2,6 +2,7 @@
 
     python -m jaxface.align --root PHOTOS --landmarks faces.txt --out ALIGNED
     python -m jaxface.align --root PHOTOS --landmarks faces.txt --out train.rec
+    python -m jaxface.align --detect PHOTOS ALIGNED      (or train.rec; needs '.[detect]')
 
 `faces.txt` has one face a line, `image x1 y1 x2 y2 ... x5 y5` (left eye, right eye, nose,
 left and right mouth corner, in pixels of the image; the image path relative to --root; a
@@ -15,6 +16,12 @@ face of one image gets `<stem>_1.jpg`, ...) or, for an `--out` ending in `.rec`,
 InsightFace RecordIO file (`.rec` + `.idx` + `.identities.txt`) through jaxface.data.pack,
 the identity being the first folder of each image path. Every file is written under a
 temporary name and renamed when complete; an existing file is never overwritten.
+
+`--detect` finds the faces and their landmarks itself (jaxface.detect: MTCNN) in every
+image under PHOTOS, keeps the largest face of each (or `--all-faces`) scoring at least
+`--threshold`, aligns them as above and writes beside the crops the landmark file it made
+(`landmarks.txt`, or `train.landmarks.txt`) and the list of images without a face
+(`no_face.txt`, or `train.no_face.txt`).
 Exit status: 0 done, 1 failed run, 2 bad input (named with its file and line).
 """
 
@@ -24,7 +31,8 @@ import argparse
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +40,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from jaxface import cli
+from jaxface import cli, detect
 from jaxface.data.decode import encode_jpeg
 from jaxface.data.pack import pack_records
+from jaxface.data.sources import IMAGE_EXTENSIONS
+from jaxface.progress import format_duration
 
 IMAGE_SIZE = 112
 
@@ -382,8 +392,163 @@ def report_outside(warnings: list[tuple[int, str]], landmark_file: Path, prog: s
         print(f"{prog}: warning: {len(warnings) - 10} more faces like it", file=sys.stderr)
 
 
+# --- Detection: from raw photos ---------------------------------------------------------
+
+FIX_IMAGE = "remove or convert it, then run again"
+LANDMARK_HEADER = "# image x1 y1 ... x5 y5 score (python -m jaxface.align --detect, MTCNN)\n"
+
+
+@dataclass
+class Detected:
+    faces: list[Face]  # Face.line: its line in the landmark file (line 1 is the header)
+    lines: list[str]  # the landmark file
+    no_face: list[str]  # photos without a face at the threshold
+    several: int  # photos with more than one face
+
+
+def detect_photos(
+    root: Path,
+    photos: Sequence[str],
+    all_faces: bool,
+    threshold: float,
+    min_face: int,
+    max_side: int,
+    say: Callable[[str], None] = print,
+) -> Detected:
+    """Detect the faces of each photo: the largest one, or all with `all_faces`."""
+    found = Detected([], [LANDMARK_HEADER], [], 0)
+    start = last = time.monotonic()
+    for done, photo in enumerate(photos, 1):
+        try:
+            bgr = read_bgr(root / photo)
+        except AlignError as exc:
+            raise AlignError(f"{exc}; {FIX_IMAGE}") from None
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        faces = detect.detect(rgb, threshold, min_face, max_side)
+        if not faces:
+            found.no_face.append(photo)
+        found.several += len(faces) > 1
+        for face in faces if all_faces else faces[:1]:
+            # Rounded to what the landmark file holds, so that aligning from that file
+            # (--landmarks) gives these crops byte for byte.
+            text = " ".join(f"{v:.2f}" for v in face.landmarks.ravel())
+            points = np.array(text.split(), np.float32).reshape(5, 2)
+            found.faces.append(Face(photo, points, len(found.lines) + 1))
+            found.lines.append(f"{photo} {text} {face.score:.4f}\n")
+        now = time.monotonic()
+        if now - last >= 10 and done < len(photos):
+            per_photo = (now - start) / done
+            say(
+                f"detected faces in {done:,} of {len(photos):,} images "
+                f"({1 / per_photo:.1f}/s, {format_duration(per_photo * (len(photos) - done))} left)"
+            )
+            last = now
+    return found
+
+
+def _count(n: int, word: str) -> str:
+    plural = word[:-1] + "ies" if word.endswith("y") else word + "s"
+    return f"{n:,} {word if n == 1 else plural}"
+
+
+def detect_reports(out: Path) -> tuple[Path, Path]:
+    """Where --detect writes its landmark file and its list of images without a face."""
+    if out.suffix == ".rec":
+        prefix = out.with_suffix("")
+        return (
+            prefix.with_name(prefix.name + ".landmarks.txt"),
+            prefix.with_name(prefix.name + ".no_face.txt"),
+        )
+    return out / "landmarks.txt", out / "no_face.txt"
+
+
+def write_text(final: Path, text: str) -> None:
+    tmp = _tmp_name(final)
+    tmp.write_text(text)
+    publish(tmp, final)
+
+
+def _main_detect(args: argparse.Namespace, root: Path, out: Path, prog: str) -> int:
+    args.threshold = detect.DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    args.min_face = detect.DEFAULT_MIN_FACE if args.min_face is None else args.min_face
+    args.max_side = detect.DEFAULT_MAX_SIDE if args.max_side is None else args.max_side
+    if not 0.0 <= args.threshold <= 1.0:
+        raise AlignError(f"--threshold {args.threshold}: a face score is between 0 and 1")
+    if args.min_face < 12 or args.max_side < args.min_face:
+        raise AlignError(
+            f"--min-face {args.min_face} --max-side {args.max_side}: MTCNN needs "
+            "12 <= --min-face <= --max-side"
+        )
+    if os.path.realpath(out) == os.path.realpath(root):
+        raise AlignError(f"{out}: the output must not be the photo folder itself")
+    reports = detect_reports(out)
+    for report in reports:
+        if report.exists():
+            raise AlignError(f"{report} already exists; not overwritten (choose another output)")
+    photos, others = detect.list_photos(root, skip=out)
+    if not photos:
+        raise AlignError(
+            f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or its sub-folders"
+        )
+    if out.suffix == ".rec":
+        for photo in photos:
+            if len(Path(photo).parts) < 2:
+                raise AlignError(
+                    f"{root / photo} has no identity folder; RecordIO output needs "
+                    "PHOTOS/IDENTITY/FILE (or write an image folder: an output without .rec)"
+                )
+    for photo in photos:
+        # The file's signature only, so that a file that is no image at all stops the run
+        # before hours of detection rather than after; a truncated one is found when read.
+        if not cv2.haveImageReader(str(root / photo)):
+            raise AlignError(f"{root / photo}: not a readable image; {FIX_IMAGE}")
+    print(f"loading the face detector (MTCNN on TensorFlow) for {_count(len(photos), 'image')}")
+    detect.load()
+    found = detect_photos(
+        root, photos, args.all_faces, args.threshold, args.min_face, args.max_side
+    )
+    kept = "every face" if args.all_faces else "the largest of each"
+    if not found.faces:
+        raise AlignError(
+            f"{root}: no face scoring {args.threshold:.2f} or more in its "
+            f"{_count(len(photos), 'image')}; nothing written (a lower --threshold finds more)"
+        )
+    landmark_file, no_face_file = reports
+    if out.suffix == ".rec":
+        warnings, _, classes = align_to_rec(
+            root, found.faces, out, landmark_file, args.quality, args.workers
+        )
+        done = f"{_count(len(found.faces), 'face')} of {_count(classes, 'identity')}"
+    else:
+        warnings = align_to_folder(
+            root, found.faces, out, "." + args.format, args.quality, args.workers
+        )
+        done = _count(len(found.faces), "face")
+    write_text(landmark_file, "".join(found.lines))
+    if found.no_face:
+        write_text(no_face_file, "".join(p + "\n" for p in found.no_face))
+    report_outside(warnings, landmark_file, prog)
+    with_face = len(photos) - len(found.no_face)
+    print(f"{done} ({kept}) from {with_face:,} of {_count(len(photos), 'image')} -> {out}")
+    if found.several and not args.all_faces:
+        print(f"{_count(found.several, 'image')} held more than one face: --all-faces keeps all")
+    if found.no_face:
+        print(
+            f"no face scoring {args.threshold:.2f} or more in "
+            f"{_count(len(found.no_face), 'image')}, listed in {no_face_file}:"
+        )
+        for photo in found.no_face[:10]:
+            print(f"  {photo}")
+        if len(found.no_face) > 10:
+            print(f"  ... and {len(found.no_face) - 10:,} more")
+    if others:
+        print(f"left out {_count(others, 'other file')} (images: {', '.join(IMAGE_EXTENSIONS)})")
+    print(f"landmarks (image x1 y1 ... x5 y5 score): {landmark_file}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli.run("jaxface.align", _main, argv, ((AlignError, 2),))
+    return cli.run("jaxface.align", _main, argv, ((AlignError, 2), (detect.DetectorMissing, 2)))
 
 
 def _main(argv: list[str]) -> int:
@@ -391,17 +556,58 @@ def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m jaxface.align", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--root", required=True, help="folder the image paths are relative to")
-    parser.add_argument("--landmarks", required=True, help="lines 'image x1 y1 ... x5 y5'")
-    parser.add_argument("--out", required=True, help="output folder, or FILE.rec for RecordIO")
+    parser.add_argument("--root", help="folder the image paths are relative to (or PHOTOS)")
+    parser.add_argument("--landmarks", help="lines 'image x1 y1 ... x5 y5'")
+    parser.add_argument("--out", help="output folder, or FILE.rec for RecordIO (or OUT)")
+    parser.add_argument("photos", nargs="?", metavar="PHOTOS", help="the same as --root")
+    parser.add_argument("out_pos", nargs="?", metavar="OUT", help="the same as --out")
+    detection = parser.add_argument_group("face detection, instead of --landmarks")
+    detection.add_argument(
+        "--detect", action="store_true", help="find faces and landmarks in every image (MTCNN)"
+    )
+    detection.add_argument(
+        "--all-faces", action="store_true", help="every face of an image, not only the largest"
+    )
+    detection.add_argument(
+        "--threshold", type=float, help=f"lowest face score ({detect.DEFAULT_THRESHOLD})"
+    )
+    detection.add_argument(
+        "--min-face", type=int, help=f"pixels, at --max-side ({detect.DEFAULT_MIN_FACE})"
+    )
+    detection.add_argument(
+        "--max-side",
+        type=int,
+        help=f"images are searched at most this large (longer side, {detect.DEFAULT_MAX_SIDE})",
+    )
     parser.add_argument("--format", choices=("jpg", "png"), default="jpg", help="folder output")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors (jaxface.cli)")
     args = parser.parse_args(argv)
-    root, landmark_file, out = Path(args.root), Path(args.landmarks), Path(args.out)
+    for flag, value, pos in (("--root", args.root, args.photos), ("--out", args.out, args.out_pos)):
+        if value is not None and pos is not None:
+            parser.error(f"{flag} {value} and {pos}: give it once")
+    root_arg, out_arg = args.root or args.photos, args.out or args.out_pos
+    if root_arg is None or out_arg is None:
+        parser.error("give the photos (--root or PHOTOS) and the output (--out or OUT)")
+    if args.detect == (args.landmarks is not None):
+        parser.error("give either --landmarks FILE or --detect")
+    root, out = Path(root_arg), Path(out_arg)
     if not root.is_dir():
-        raise AlignError(f"--root {root}: not a folder")
+        reason = "not a folder" if root.exists() else "no such folder"
+        raise AlignError(f"{root}: {reason} (the photos: --root or PHOTOS)")
+    if args.detect:
+        return _main_detect(args, root, out, prog)
+    detect_only = {
+        "--all-faces": args.all_faces or None,
+        "--threshold": args.threshold,
+        "--min-face": args.min_face,
+        "--max-side": args.max_side,
+    }
+    for flag, value in detect_only.items():
+        if value is not None:
+            parser.error(f"{flag} is for --detect; --landmarks gives the faces")
+    landmark_file = Path(args.landmarks)
     faces = read_landmarks(landmark_file)
     _check_inputs(root, faces, landmark_file)
     if out.suffix == ".rec":

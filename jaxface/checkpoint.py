@@ -8,12 +8,16 @@ its zero padding rows cut or added to the new device count's multiple.
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
 process killed mid-save leaves the previous checkpoints intact and the partial one is
-ignored.
+ignored. A save that fails for lack of space (found in the background, so reported by the
+next save or wait) removes its temporary folder and stops the run in one line; orbax
+deletes the oldest checkpoints only after a new one is complete, so the earlier ones stay.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,11 +26,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxface.diskspace import disk_full, format_bytes, free_bytes, tree_bytes
 from jaxface.step import is_head
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or used; the message says which and why."""
+
+
+class NoUsableCheckpoint(CheckpointError):
+    """The folder holds checkpoints, but none can be read (each moved aside)."""
 
 
 def array_name(path) -> str:
@@ -62,17 +71,46 @@ def _placeholder(x) -> bool:
 
 def _orbax_chatter(record: logging.LogRecord) -> bool:
     """False for orbax's informational warnings ("Metadata file does not exist" on every
-    restore of a fresh folder): they mean nothing to a user. Its errors still show."""
-    return record.levelno >= logging.ERROR or "orbax" not in record.pathname
+    restore of a fresh folder): they mean nothing to a user. Its errors still show, except
+    a full disk's tracebacks: the Checkpointer reports that in one line."""
+    if "orbax" not in record.pathname:
+        return True
+    return record.levelno >= logging.ERROR and not disk_full(
+        (record.exc_info or (None, None))[1] or record.getMessage()
+    )
+
+
+def _disk_full_echo(record: logging.LogRecord) -> bool:
+    """False for asyncio's "Task exception was never retrieved" of a write that failed
+    for lack of space: the Checkpointer reports the failure in one line."""
+    return not disk_full((record.exc_info or (None, None))[1])
+
+
+def _quiet_closed_loop(previous):
+    def hook(unraisable) -> None:
+        # After a failed save, orbax closes its event loop while tensorstore writes are
+        # still in flight; each completes into the closed loop and would print a
+        # traceback of its own (dozens), none of which says more than the failure.
+        exc = unraisable.exc_value
+        closed = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+        if not (closed and unraisable.object is None):
+            previous(unraisable)
+
+    hook.jaxface = True
+    return hook
 
 
 class Checkpointer:
     """Saves when asked (asynchronously), keeps the last `keep`, restores the latest."""
 
     def __init__(self, directory: str | Path, keep: int, asynchronous: bool = True):
-        absl = logging.getLogger("absl")
+        absl, aio = logging.getLogger("absl"), logging.getLogger("asyncio")
         if _orbax_chatter not in absl.filters:
             absl.addFilter(_orbax_chatter)
+        if _disk_full_echo not in aio.filters:
+            aio.addFilter(_disk_full_echo)
+        if not getattr(sys.unraisablehook, "jaxface", False):
+            sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True
@@ -80,17 +118,59 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
+        self._saving: tuple[int, int] | None = None  # (step, bytes) of the last save started
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Starts an asynchronous save; returns once the arrays are copied off the devices."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
+        """Starts an asynchronous save; returns once the arrays are copied off the devices.
+        Raises CheckpointError when this save, or the previous one still being written,
+        fails for lack of space."""
+        needed = tree_bytes(state)
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        except Exception as exc:
+            self._raise_if_disk_full(exc, (step, needed))
+            raise
+        self._saving = (step, needed)
+
+    def _raise_if_disk_full(self, exc: Exception, current: tuple[int, int] | None) -> None:
+        """A save that failed for lack of space: its temporary folder removed (the space
+        back, nothing half-written left), then one CheckpointError naming the folder, what
+        the save needed and what is free."""
+        short = disk_full(exc)
+        if short is None:
+            return
+        self._failed = True
+        partial = sorted(self.directory.glob("*.orbax-checkpoint-tmp*"))
+        if jax.process_index() == 0:
+            for folder in partial:
+                shutil.rmtree(folder, ignore_errors=True)
+        # The error of a background write surfaces at the next save: name its step.
+        steps = sorted(
+            {int(p.name.split(".")[0]) for p in partial if p.name.split(".")[0].isdigit()}
         )
+        step, needed = current or self._saving or (None, 0)
+        if steps:
+            step = steps[0]
+        # From the folder: orbax's own list already forgot the steps it meant to delete.
+        kept = finished_steps(self.directory)
+        earlier = f"step{'s' * (len(kept) > 1)} {', '.join(map(str, kept))}" if kept else "none"
+        raise CheckpointError(
+            f"checkpoint step {step} could not be saved in {self.directory}: {short} (a "
+            f"checkpoint needs {format_bytes(needed)}, {format_bytes(free_bytes(self.directory))}"
+            f" is free); earlier checkpoints kept: {earlier}. A new checkpoint is written "
+            "before the oldest is deleted: free space or lower keep_checkpoints, then continue "
+            "with --config.resume=auto"
+        ) from None
 
     def read_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
@@ -142,7 +222,9 @@ class Checkpointer:
             if failures:
                 self._manager.reload()  # forget the steps moved aside
             return state, meta, plan
-        raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(failures))
+        raise NoUsableCheckpoint(
+            f"no usable checkpoint in {self.directory}: " + "; ".join(failures)
+        )
 
     def _restore_state(self, step: int, abstract_state: Any, plan, fresh) -> Any:
         def restore_args(path, leaf):
@@ -216,11 +298,29 @@ class Checkpointer:
         return line
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as exc:
+            self._raise_if_disk_full(exc, None)
+            raise
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        reported = self._failed
+        try:
+            self.wait()
+            self._manager.close()
+        except Exception as exc:
+            if not (reported and disk_full(exc)):  # orbax echoing a failure already reported
+                raise
+
+
+def finished_steps(directory: str | Path) -> list[int]:
+    """The steps of the complete checkpoints in `directory` (orbax renames a checkpoint's
+    folder to its step only when complete; damaged ones were renamed `STEP.damaged-DATE`)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def set_aside(path: str | Path) -> Path | None:

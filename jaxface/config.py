@@ -170,6 +170,9 @@ def _field(default: Any) -> Field:
 
 DEFAULTS: dict[str, Any] = get_defaults()
 FIELDS: dict[str, Field] = {key: _field(value) for key, value in DEFAULTS.items()}
+# Keys that take a word besides their type's values: resume=auto (a requeued job resumes,
+# its first start does not), decided by the trainer once it sees the output folder.
+WORDS: dict[str, tuple[str, ...]] = {"resume": ("auto",)}
 
 
 class Config(Mapping):
@@ -222,6 +225,8 @@ def _coerce(key: str, value: Any, field: Field, where: str) -> Any:
         if field.optional:
             return None
         raise ConfigError(f"{where}: config key {key!r} must not be None")
+    if isinstance(value, str) and value.strip().lower() in WORDS.get(key, ()):
+        return value.strip().lower()
     kind = field.kind
     try:
         if kind is bool:
@@ -273,6 +278,9 @@ def _coerce(key: str, value: Any, field: Field, where: str) -> Any:
         tuple: "a list of numbers like 1.0,0.5,0.0",
         list: "a list of names like lfw,cfp_fp",
     }.get(kind, kind.__name__)
+    if key in WORDS:
+        values = ("true", "false") if kind is bool else (expected,)
+        expected = f"{', '.join(values)} or {' or '.join(WORDS[key])}"
     raise ConfigError(f"{where}: config key {key!r} expects {expected}, got {value!r}")
 
 

@@ -1,10 +1,13 @@
-"""Stopping on request: SIGTERM (SLURM, Kubernetes, `timeout`) and SIGINT (Ctrl-C).
+"""Stopping on request: SIGTERM (SLURM, Kubernetes, `timeout`), SIGINT (Ctrl-C) and
+SIGUSR1 (SLURM's `--signal=USR1@SECONDS` warning before the time limit).
 
 The first signal asks the run to stop after the step in progress; the trainer then saves
 a checkpoint of that step and exits. A watchdog bounds the whole stop: if it takes longer
 than `grace_s` (a step that never finishes, a stuck save), the process exits anyway. A
 second signal exits at once. Exit statuses are the shell's convention, 128 + the signal
-number (143 for SIGTERM, 130 for SIGINT), so that a scheduler sees a stopped run.
+number (143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1), so that a scheduler sees a
+stopped run, and a batch script can tell the time-limit warning (138: requeue) from a
+cancellation (143).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import signal
 import sys
 import threading
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class Stopped(Exception):
@@ -62,7 +65,7 @@ class StopRequest:
     def _exit_now(self, signum: int, why: str) -> None:
         print(
             f"jaxface.train: stopped by {why} without saving; resume with "
-            "--config.resume=true from the last complete checkpoint",
+            "--config.resume=true (or auto) from the last complete checkpoint",
             file=sys.stderr,
             flush=True,
         )

@@ -24,7 +24,9 @@ from jaxface import cli
 from jaxface.checkpoint import (
     Checkpointer,
     CheckpointError,
+    NoUsableCheckpoint,
     array_specs,
+    finished_steps,
     is_head_name,
     set_aside,
 )
@@ -33,6 +35,7 @@ from jaxface.data.loader import LoaderError
 from jaxface.data.recordio import RecordIOError
 from jaxface.data.training import make_loader, prepare, step_batch, verification_paths
 from jaxface.data.verification import VerificationSetError
+from jaxface.diskspace import disk_full, ensure_room, format_bytes, free_bytes, tree_bytes
 from jaxface.distributed import DistributedError
 from jaxface.distributed import initialize as initialize_distributed
 from jaxface.export import export_backbone
@@ -76,22 +79,29 @@ def train(cfg) -> dict:
     # --- Processes and mesh: 1-D over every device of every process; backbone
     # data-parallel, class centres split.
     initialize_distributed(cfg)
+    cfg, auto = _resolve_auto_resume(cfg)
     run = build(cfg, make_mesh(cfg.num_devices))
     derived, is_main = run.derived, jax.process_index() == 0
     progress = Progress(cfg.progress, derived.run_steps, quiet=not is_main)
     with ExitStack() as cleanup:
         cleanup.callback(progress.close)
+        if auto:
+            progress.message(auto)
         # --- Input first: bad data stops the run before anything is written. This
         # process's rows of each global batch, a pure function of the step.
         loader = _open_input(cfg, derived.global_batch, is_main, progress.message)
         cleanup.callback(loader.close)
         out = _claim_output(cfg, derived, is_main, cleanup, progress.message)
+        # Found now, not at the first save hours later (exit 2: the output's filesystem).
+        ensure_room(out / "checkpoints", tree_bytes(run.abstract_state), cfg.output)
         val_paths = verification_paths(cfg, out, progress.message)
 
         # --- State: born sharded, or restored from the newest usable checkpoint. Only
         # process 0 talks and writes logs; every process takes part in checkpoints.
         stream = _data_stream(cfg, derived, loader)
-        state, checkpointer = _restore_or_init(run, out / "checkpoints", stream, progress.message)
+        state, checkpointer = _restore_or_init(
+            run, out / "checkpoints", stream, progress.message, auto=bool(auto)
+        )
         cleanup.callback(checkpointer.close)
         start_step = int(jax.device_get(state.step))
         verifier = (
@@ -154,7 +164,7 @@ def train(cfg) -> dict:
                 # statistics' mean spans all devices); process 0 writes them.
                 backbone = run.backbone(state)
                 if is_main:
-                    export_backbone(out, *backbone, cfg.network, step)
+                    _export(out, backbone, cfg.network, step, checkpointer)
             if verifier is not None and (step % cfg.verbose == 0 or last):
                 val_records += evaluate(step)
             if stop.signum:
@@ -165,7 +175,8 @@ def train(cfg) -> dict:
             checkpointer.wait()
             raise Stopped(
                 f"stopped by {stop.name} after step {step}; its checkpoint is "
-                f"{checkpointer.directory / str(step)}: continue with --config.resume=true",
+                f"{checkpointer.directory / str(step)}: continue with --config.resume=true "
+                "(or auto)",
                 stop.signum,
             )
     summary = _summarize(run, start_step, history, val_records, time.perf_counter() - t_start)
@@ -174,6 +185,23 @@ def train(cfg) -> dict:
             f.write(json.dumps({"event": "summary", **summary}) + "\n")
     progress.message(_summary_line(summary, start_step, derived.run_steps, out))
     return {**summary, "state": run.to_saved(state), "history": history, "val_records": val_records}
+
+
+def _export(out: Path, backbone, network: str, step: int, checkpointer: Checkpointer) -> None:
+    """export_backbone; on a full disk, one line (the checkpoint's own failure first: the
+    save in flight filled the disk, if it did)."""
+    try:
+        export_backbone(out, *backbone, network, step)
+    except OSError as exc:
+        short = disk_full(exc)
+        if short is None:
+            raise
+        checkpointer.wait()
+        raise TrainingError(
+            f"the backbone of step {step} could not be written to {out}: {short} "
+            f"({format_bytes(free_bytes(out))} free); the checkpoints are kept: free space, "
+            "then continue with --config.resume=auto"
+        ) from None
 
 
 def _header(run: Run, state, start_step: int, out: Path) -> str:
@@ -233,18 +261,40 @@ def _data_stream(cfg, derived, loader) -> dict:
     return data_stream(cfg, derived.global_batch, loader.num_samples)
 
 
-def _restore_or_init(run: Run, checkpoint_dir: Path, stream: dict, say):
+def _resolve_auto_resume(cfg):
+    """(cfg, what resume=auto decided, or ""): resume=true when the output folder holds a
+    complete checkpoint (a requeued job), false when it holds none (the first start)."""
+    if cfg.resume != "auto":
+        return cfg, ""
+    folder = Path(cfg.output).absolute() / "checkpoints"
+    steps = finished_steps(folder)
+    if steps:
+        return cfg.replace(resume=True), f"resume=auto: resuming, {folder} holds step {steps[-1]}"
+    return cfg.replace(resume=False), f"resume=auto: starting fresh, no checkpoint in {folder}"
+
+
+def _restore_or_init(run: Run, checkpoint_dir: Path, stream: dict, say, auto: bool = False):
     """(state, checkpointer): the newest usable checkpoint when resuming, else a fresh
-    state (and earlier checkpoints moved aside, never overwritten)."""
+    state (and earlier checkpoints moved aside, never overwritten). `auto`: none usable
+    starts fresh instead of failing."""
     cfg, is_main = run.cfg, jax.process_index() == 0
     if cfg.resume:
         checkpointer = Checkpointer(checkpoint_dir, cfg.keep_checkpoints)
         try:
             state = resume_state(run, checkpointer, stream, say)
+        except NoUsableCheckpoint:
+            checkpointer.close()
+            if not auto:
+                raise
+            say(
+                f"warning: resume=auto: no checkpoint in {checkpoint_dir} is usable (each "
+                "moved aside as STEP.damaged-DATE); starting fresh"
+            )
         except BaseException:
             checkpointer.close()
             raise
-        return run.to_step(state), checkpointer
+        else:
+            return run.to_step(state), checkpointer
     if is_main:  # an earlier run's results are moved aside, never overwritten
         out = checkpoint_dir.parent
         for earlier in (checkpoint_dir, out / "metrics.jsonl", out / "tensorboard"):

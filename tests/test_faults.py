@@ -4,6 +4,8 @@ docs/faults.md lists each fault, what jaxface does, and the test here that prove
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -386,3 +388,84 @@ def test_process_zero_without_its_peer_fails_in_bounded_time_with_one_line(repo,
     lines = [x for x in proc.stderr.splitlines() if "jaxface.train: error" in x]
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0]
     assert "process 0 of 2" in lines[0] and "within 5 s" in lines[0]
+
+
+# --- 10. Cluster jobs: a requeued job, a full disk ------------------------------------
+
+
+def test_resume_takes_auto_besides_true_and_false(repo):
+    for value, expected in (("auto", "auto"), ("AUTO", "auto"), ("true", True), ("no", False)):
+        assert _cfg(repo, "/x", resume=value).resume == expected
+    with pytest.raises(ConfigError, match="'resume' expects true, false or auto, got 'sometimes'"):
+        _cfg(repo, "/x", resume="sometimes")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigusr1_stops_like_sigterm_and_resume_auto_serves_every_start(repo, tmp_path, capsys):
+    """One command for the first start and every requeue (docs/faults.md's sbatch script):
+    resume=auto starts fresh in an empty folder; SLURM's SIGUSR1 before the time limit
+    saves the step and exits 138; the same command then resumes from it."""
+    out = tmp_path / "run"
+    cfg = _cfg(repo, out, checkpoint_every=0, resume="auto")
+    proc = _start(repo, cfg, "--config.max_steps=400")
+    _wait_for_step(proc, out, 3)
+    proc.send_signal(signal.SIGUSR1)
+    said, err = proc.communicate(timeout=120)
+    assert proc.returncode == 138, err[-3000:]
+    assert f"resume=auto: starting fresh, no checkpoint in {out / 'checkpoints'}" in said
+    assert "stopped by SIGUSR1 after step" in err and "Traceback" not in err
+    stopped = int(err.split("stopped by SIGUSR1 after step ")[1].split(";")[0])
+    assert (out / "checkpoints" / str(stopped)).is_dir()
+    capsys.readouterr()
+    assert main(_argv(cfg.replace(max_steps=stopped))) == 0  # nothing left: no step compiled
+    said = capsys.readouterr().out
+    assert f"resume=auto: resuming, {out / 'checkpoints'} holds step {stopped}" in said
+    assert f"resumed from {out / 'checkpoints' / str(stopped)} (step {stopped}," in said
+
+
+def _private_tmpfs_works() -> bool:
+    """`unshare -rm`: a mount namespace of our own (no root needed) where a small tmpfs can
+    be mounted; it vanishes with the processes, so no test leaves a mount behind."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_full_disk_at_a_checkpoint_stops_the_run_and_keeps_the_earlier_ones(
+    repo, tmp_path, capsys
+):
+    """A real 4 MB filesystem holds two checkpoints of the tiny run (1.5 MB each): the
+    third save fails in orbax's background write, which surfaces at the next save. The
+    same command again (a requeue) finds the disk too full at start-up."""
+    if not _private_tmpfs_works():
+        pytest.skip("mounting a small tmpfs needs `unshare -rm` (user and mount namespaces)")
+    disk, after = tmp_path / "disk", tmp_path / "after"
+    disk.mkdir()
+    cfg = _cfg(repo, disk / "run", resume="auto", max_steps=400, keep_checkpoints=3)
+    command = shlex.join([sys.executable, "-m", "jaxface.train", *_argv(cfg)])
+    q = lambda path: shlex.quote(str(path))  # noqa: E731
+    logs = {n: [tmp_path / f"{n}.{kind}" for kind in ("out", "err", "rc")] for n in (1, 2)}
+    runs = "".join(f"{command} > {q(o)} 2> {q(e)}; echo $? > {q(r)}\n" for o, e, r in logs.values())
+    script = f"mount -t tmpfs -o size=4m tmpfs {q(disk)} || exit 99\n{runs}"
+    script += f"cp -a {q(disk / 'run')} {q(after)}\n"
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=repo, check=True, timeout=300)
+    out, err, rc = (p.read_text() for p in logs[1])
+    assert int(rc) == 1, err[-3000:]
+    lines = err.splitlines()  # one line: no traceback, none of orbax's or tensorstore's
+    assert len(lines) == 1 and lines[0].startswith(
+        f"jaxface.train: error: checkpoint step 6 could not be saved in {disk}/run/checkpoints: "
+        "no space left on the device (a checkpoint needs 1.6 MB, "
+    ), err[-3000:]
+    assert "is free); earlier checkpoints kept: steps 2, 4. A new checkpoint" in lines[0]
+    assert sorted(p.name for p in (after / "checkpoints").iterdir()) == ["2", "4"]  # no partial
+    out, err, rc = (p.read_text() for p in logs[2])
+    assert int(rc) == 2, err[-3000:]
+    assert f"resume=auto: resuming, {disk}/run/checkpoints holds step 4" in out
+    assert "but one checkpoint of this run needs 1.6 MB (1,561,176 bytes" in err
+    # The kept checkpoint is whole: the job continues from it once there is room.
+    assert main(_argv(_cfg(repo, after, resume="auto", max_steps=4))) == 0
+    assert f"resumed from {after}/checkpoints/4 (step 4," in capsys.readouterr().out

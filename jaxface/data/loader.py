@@ -158,10 +158,10 @@ _WORKER: dict = {}
 
 
 def _worker_init(source, ring_path: str, ring_shape: tuple, skip_corrupt: bool):
-    # The trainer decides when to stop: a Ctrl-C or SIGTERM sent to the whole process
-    # group must not kill the workers under the batch it is finishing.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The trainer decides when to stop: a Ctrl-C, SIGTERM or SLURM's SIGUSR1 sent to the
+    # whole process group must not kill the workers under the batch it is finishing.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _WORKER.update(
         source=source,
