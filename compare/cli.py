@@ -70,7 +70,8 @@ def worker_command(variant: Variant, spec: dict, out: Path, devices: int) -> lis
     return [sys.executable, *args]
 
 
-def _env(devices: int) -> dict:
+def worker_env(devices: int) -> dict:
+    """The environment of a worker process on `devices` devices."""
     env = dict(os.environ)
     # jax on a CPU host: D virtual devices (the flag only concerns the host platform).
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
@@ -89,7 +90,7 @@ def run_variant(variant: Variant, spec: dict, devices: int, timeout: float) -> d
         command = worker_command(variant, spec, out, devices)
         try:
             proc = subprocess.run(
-                command, env=_env(devices), capture_output=True, text=True, timeout=timeout
+                command, env=worker_env(devices), capture_output=True, text=True, timeout=timeout
             )
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:g} s"}
@@ -217,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.budget is not None and elapsed >= args.budget:
             result = {"skipped": f"the --budget of {args.budget:g} s was spent"}
         else:
+            # A row is silent for a while (a fresh process imports, compiles and warms up).
+            print(
+                f"[{i}/{len(variants)}] {variant.name}: starting (import, compile, "
+                f"{args.warmup} warm-up steps, then {args.steps} timed) ...",
+                flush=True,
+            )
             result = run_variant(variant, spec, args.devices, args.timeout)
         row = {
             **result,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -44,11 +45,14 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--bin", nargs="+", required=True, help="verification .bin files")
     parser.add_argument("--batch", type=int, default=64, help="images per device per call")
     args = parser.parse_args(argv)
+    say = partial(print, file=sys.stderr, flush=True)  # progress; results go to stdout
+    say(f"loading {args.weights}")
     params, batch_stats, info = load_backbone(args.weights, args.network, args.embedding_size)
     model = get_model(info["network"], embedding_size=info["embedding_size"])
     mesh = make_mesh()
     embed = jax.jit(make_embed_fn(model))
-    verifier = Verifier([Path(p) for p in args.bin], mesh, embed, args.batch * mesh.size)
+    batch = args.batch * mesh.size
+    verifier = Verifier([Path(p) for p in args.bin], mesh, embed, batch, say)
     results = verifier.run(params, batch_stats)
     for name, (result, best) in results.items():
         print(format_result(name, info.get("step") or 0, result, best))

@@ -45,19 +45,27 @@ class VerificationTarget:
 class Verifier:
     """Loads the sets once; `run()` scores a model on all of them and tracks the best."""
 
-    def __init__(self, paths: list[Path], mesh: Mesh, embed: Callable, batch: int):
+    def __init__(
+        self, paths: list[Path], mesh: Mesh, embed: Callable, batch: int, say=None
+    ) -> None:
         self.mesh = mesh
         self.embed = embed
         self.batch = batch
+        self.say = say or (lambda message: None)  # progress before each wait
         self.targets = []
         for path in paths:
+            self.say(f"loading {path}")
             images, issame = load_bin(path)
             self.targets.append(VerificationTarget(Path(path).stem, images, issame))
 
     def run(self, params, batch_stats) -> dict[str, tuple[VerificationResult, float]]:
         """{name: (result, best accuracy so far)}."""
         results = {}
-        for target in self.targets:
+        for i, target in enumerate(self.targets):
+            first = " (the first batch compiles the backbone)" if i == 0 else ""
+            self.say(
+                f"[{target.name}] embedding {len(target.images):,} images and their flips{first}"
+            )
             emb = embed_images(
                 self.embed, params, batch_stats, target.images, self.mesh, self.batch
             )

@@ -3,6 +3,7 @@
 import heapq
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -501,3 +502,16 @@ def test_the_synthetic_layout_command_writes_a_new_folder_only(tmp_path, capsys)
     assert synthetic_main([str(out)]) == 2
     assert "exists; give a new folder" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "loose_crop").iterdir()) == before
+
+
+def test_eval_scores_a_bin_and_says_what_it_waits_for(weights, small_val_bin, capsys):
+    """python -m jaxface.eval: results on stdout, a line before each wait on stderr."""
+    from jaxface.eval import main as eval_main
+
+    argv = ["--weights", str(weights), "--bin", str(small_val_bin), "--batch", "2"]
+    assert eval_main(argv) == 0
+    out, err = capsys.readouterr()
+    assert re.fullmatch(r"\[small_val\]\[0\] XNorm [0-9.]+ +Accuracy-Flip [0-9.]+\+-[0-9.]+ +"
+                        r"Highest [0-9.]+\n", out)  # fmt: skip
+    assert f"loading {weights}" in err and f"loading {small_val_bin}" in err
+    assert "[small_val] embedding 80 images and their flips (the first batch compiles" in err
