@@ -22,6 +22,13 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ConvertError, File
 DEBUG_FLAG = "--debug"
 
 
+def debugging(args: Sequence[str] | None = None) -> bool:
+    """True when the user asked for tracebacks and the runtime's own messages: `--debug`
+    among the command's arguments (sys.argv by default) or JAXFACE_DEBUG=1."""
+    args = sys.argv[1:] if args is None else args
+    return DEBUG_FLAG in args or os.environ.get("JAXFACE_DEBUG", "") not in ("", "0")
+
+
 def run(
     prog: str,
     body: Callable[[list[str]], int | None],
@@ -33,7 +40,7 @@ def run(
     `codes` maps the command's own exception types to 1 or 2 (first match wins, before the
     common INPUT_ERRORS)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = DEBUG_FLAG in args or os.environ.get("JAXFACE_DEBUG", "") not in ("", "0")
+    debug = debugging(args)
     args = [a for a in args if a != DEBUG_FLAG]
     table = [*codes, *((kind, 2) for kind in INPUT_ERRORS)]
     try:

@@ -152,6 +152,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "process_id": _non_negative,
     "distributed_timeout": _positive,
     "signal_timeout": _positive,
+    # Below it, the heartbeat's three beats of slack leave no time to notice a silence.
+    "peer_timeout": lambda v: None if v >= 5 else "must be at least 5 (seconds)",
     "output": _non_empty,
 }
 

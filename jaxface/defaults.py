@@ -126,4 +126,8 @@ def get_config() -> dict:
         process_id=Unset(int),
         distributed_timeout=300,  # seconds to wait for the coordinator and the others
         signal_timeout=120.0,  # seconds a SIGTERM/SIGINT may take to save before exiting
+        # seconds after which a silent process of a multi-process run counts as lost: every
+        # other process then stops with a message (docs/faults.md); long enough for a busy
+        # host's heartbeat, short enough not to waste a cluster's allocation
+        peer_timeout=120.0,
     )

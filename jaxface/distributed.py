@@ -21,6 +21,8 @@ import time
 import jax
 from jax._src import distributed as jax_distributed  # its runtime client: no public API
 
+from jaxface import cli, peers
+
 
 class DistributedError(RuntimeError):
     """The processes of a multi-host run could not be connected."""
@@ -36,9 +38,15 @@ def initialize(cfg) -> bool:
     # CPU collectives across processes go through gloo (GPUs use NCCL regardless). Asking
     # for the backend here would start it, and initialize() must come first.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Its SIGTERM handling is jaxface's own (jaxface.stopping); unused, the service only
+    # adds error lines when a process is lost.
+    jax.config.update("jax_enable_preemption_service", False)
     # XLA's own timeout ends in a C++ abort with a stack dump, after minutes of silence;
     # the watchdog below fires first, with a message.
-    kwargs = {"initialization_timeout": cfg.distributed_timeout + 30}
+    kwargs = {
+        "initialization_timeout": cfg.distributed_timeout + 30,
+        "heartbeat_timeout_seconds": peers.xla_heartbeat_timeout(cfg.peer_timeout),
+    }
     if explicit and cfg.process_id != 0:
         # XLA aborts the whole process when the coordinator never answers; look first, so
         # that an unreachable address is an error message, not a crash.
@@ -65,6 +73,8 @@ def initialize(cfg) -> bool:
         watchdog.cancel()
     if explicit:
         _check_process_counts(cfg)
+    client = jax_distributed.global_state.client
+    peers.start(cfg, client, jax_distributed.global_state.coordinator_address, cli.debugging())
     return True
 
 

@@ -56,7 +56,7 @@ _RULES: dict[str, tuple[str, ...]] = {
         "output", "resume", "allow_data_change", "allow_state_change", "init_from",
         "checkpoint_every", "keep_checkpoints", "val_targets", "verbose", "tensorboard",
         "distributed", "coordinator_address", "num_processes", "process_id",
-        "distributed_timeout", "signal_timeout",
+        "distributed_timeout", "signal_timeout", "peer_timeout",
     ),
 }  # fmt: skip
 

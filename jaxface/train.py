@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxface import cli
+from jaxface import cli, peers
 from jaxface.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -84,6 +84,9 @@ def train(cfg) -> dict:
     derived, is_main = run.derived, jax.process_index() == 0
     progress = Progress(cfg.progress, derived.run_steps, quiet=not is_main)
     with ExitStack() as cleanup:
+        # First in, last out: the others learn this process is done only after its final
+        # save; a collective that failed because a process is lost says which one.
+        cleanup.enter_context(peers.guard())
         cleanup.callback(progress.close)
         if auto:
             progress.message(auto)
@@ -238,6 +241,7 @@ def _claim_output(cfg, derived, is_main: bool, cleanup: ExitStack, say) -> Path:
             return out
         lock = RunLock(out, warn=say)
         cleanup.callback(lock.release)
+        peers.on_exit(lock.release)
         resolved = {"config": cfg.to_dict(), "source": cfg.source, "derived": vars(derived)}
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = f"config.resume-{stamp}.json" if cfg.resume else "config.json"

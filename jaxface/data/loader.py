@@ -111,11 +111,21 @@ def _ring_folders() -> list[str | None]:
 def remove_stale_rings() -> list[Path]:
     """Delete ring files whose creating process is gone (a run killed with SIGKILL cannot
     clean up after itself); returns what was removed."""
+    return _remove_rings(lambda pid: not _alive(pid))
+
+
+def remove_own_rings() -> list[Path]:
+    """Delete this process's ring files, for an exit that runs no loader's close()
+    (`os._exit` when a peer process is lost)."""
+    return _remove_rings(lambda pid: pid == os.getpid())
+
+
+def _remove_rings(owner_matches) -> list[Path]:
     removed = []
     for folder in _ring_folders():
         for path in Path(folder or tempfile.gettempdir()).glob(f"{RING_PREFIX}*"):
             m = re.match(rf"{RING_PREFIX}(\d+)-", path.name)
-            if m and not _alive(int(m.group(1))):
+            if m and owner_matches(int(m.group(1))):
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed

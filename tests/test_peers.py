@@ -1,0 +1,155 @@
+"""A process of a two-process run killed with SIGKILL (a node failure, the OOM killer): the
+survivor stops within `peer_timeout` with one line naming the lost process and the last
+complete checkpoint, exit 1, nothing left behind; the job resumes from that checkpoint on
+one process of 8 devices."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxface.data.loader import RING_PREFIX
+from jaxface.runlock import LOCK_NAME
+
+pytestmark = [pytest.mark.multiprocess]
+
+PEER_TIMEOUT = 10
+RUN = dict(num_classes=12, num_image=4000, batch_size=2, embedding_size=16, frequent=1,
+           val_targets="[]", progress="plain", warmup_epoch=0, max_steps=1000,
+           tensorboard="false", checkpoint_every=1, rec="synthetic", pack_synthetic="false",
+           peer_timeout=PEER_TIMEOUT)  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One compilation cache for this module's runs: after the first, each loads the train
+    step instead of compiling it again (most of a run's time on a busy machine)."""
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+def _env(devices: int, cache: Path) -> dict:
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": str(cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
+
+
+def _train(repo, cache, out, devices, **overrides):
+    values = {**RUN, "output": str(out), **overrides}
+    argv = [sys.executable, "-m", "jaxface.train", "--config", "configs/demo.py"]
+    argv += [f"--config.{k}={v}" for k, v in values.items()]
+    return subprocess.Popen(argv, cwd=repo, env=_env(devices, cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _pair(repo, cache, out, **overrides):
+    port = _free_port()
+    return [
+        _train(repo, cache, out, 4, coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+               process_id=i, **overrides)
+        for i in range(2)
+    ]  # fmt: skip
+
+
+def _first_checkpoint(procs, folder: Path, timeout=240) -> Path:
+    deadline = time.time() + timeout
+    while True:
+        done = [p for p in folder.glob("*") if p.name.isdigit()] if folder.exists() else []
+        if done:
+            return done[0]
+        for p in procs:
+            assert p.poll() is None, p.communicate()[1][-3000:]
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.1)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _kill_one(repo, cache, tmp_path, victim: int, **overrides):
+    """Both processes up, the first checkpoint written, `victim` killed: the survivor's
+    (exit status, seconds it took, stderr, pid, its decode workers)."""
+    out = tmp_path / "run"
+    procs = _pair(repo, cache, out, **overrides)
+    _first_checkpoint(procs, out / "checkpoints")
+    survivor = procs[1 - victim]
+    workers = _children(survivor.pid)
+    procs[victim].send_signal(signal.SIGKILL)
+    killed = time.time()
+    try:
+        _, err = survivor.communicate(timeout=PEER_TIMEOUT + 30)
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    return survivor.returncode, time.time() - killed, err, survivor.pid, workers
+
+
+def _check_one_line(err: str, lost: int, took: float, out: Path):
+    assert took < PEER_TIMEOUT + 2, (took, err[-3000:])  # +2: a busy machine's slack
+    assert "Traceback" not in err and "Check failure" not in err and "@ 0x" not in err, err
+    lines = [x for x in err.splitlines() if "stopped answering" in x]
+    assert len(lines) == 1, err[-3000:]
+    host = socket.gethostname()
+    assert f"process {lost} of 2 (host {host}" in lines[0], lines[0]
+    assert "--config.resume=true" in lines[0]
+    checkpoints = out / "checkpoints"
+    last = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert f"the last complete checkpoint is {checkpoints / str(last)}:" in lines[0], lines[0]
+    assert not list(checkpoints.glob("*.orbax-checkpoint-tmp*"))  # no half-written one
+    return last
+
+
+def test_killed_process_1_stops_process_0_with_one_line_and_the_job_resumes(repo, cache, tmp_path):
+    out = tmp_path / "run"
+    code, took, err, pid, workers = _kill_one(repo, cache, tmp_path, victim=1, num_workers=1)
+    assert code == 1, err[-3000:]
+    last = _check_one_line(err, 1, took, out)
+    # Nothing of the survivor's left: its decode worker, its ring, its lock's holder.
+    assert workers and all(_gone(w) for w in workers)  # they exit with their parent
+    assert not [p for d in ("/dev/shm", "/tmp") for p in Path(d).glob(f"{RING_PREFIX}{pid}-*")]
+    assert (out / LOCK_NAME).read_text() == ""
+    # The job goes on from that checkpoint on one process of 8 devices.
+    one = _train(repo, cache, out, 8, resume="true", max_steps=last + 1)
+    stdout, stderr = one.communicate(timeout=300)
+    assert one.returncode == 0, stderr[-3000:]
+    said = stdout + stderr
+    assert f"resumed from {out / 'checkpoints' / str(last)} (step {last}, saved on 8" in said
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r][-1] == last + 1
+
+
+def test_killed_coordinator_stops_process_1_with_one_line(repo, cache, tmp_path):
+    code, took, err, _, _ = _kill_one(repo, cache, tmp_path, victim=0, num_workers=0)
+    assert code == 1, err[-3000:]
+    _check_one_line(err, 0, took, tmp_path / "run")
+    assert "the coordinator" in err
+
+
+def _gone(pid: int, timeout=10.0) -> bool:
+    deadline = time.time() + timeout
+    while Path(f"/proc/{pid}").exists():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
