@@ -41,6 +41,10 @@ class Reference:
     clip_norm: float
     options: Options
     device: torch.device
+    # The last step's backbone gradient norm (unscaled, before clipping; inf or nan on a
+    # step GradScaler skips), a device tensor: compare.converge records it as jaxface's
+    # `backbone_grad_norm` metric.
+    grad_norm: torch.Tensor | None = None
 
     @property
     def model(self) -> IResNet:
@@ -128,8 +132,11 @@ def train_step(ref: Reference, images: torch.Tensor, labels: torch.Tensor) -> to
     loss = ref.head(embeddings, labels)
     ref.scaler.scale(loss).backward()
     ref.scaler.unscale_(ref.optimizer)  # no-op when the scaler is disabled
+    # clip_grad_norm_'s two halves, so that the norm is there with clipping off too.
+    params = [p for p in ref.model.parameters() if p.grad is not None]
+    ref.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if ref.clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(ref.model.parameters(), ref.clip_norm)
+        torch.nn.utils.clip_grads_with_norm_(params, ref.clip_norm, ref.grad_norm)
     ref.scaler.step(ref.optimizer)
     ref.scaler.update()
     ref.optimizer.zero_grad(set_to_none=True)

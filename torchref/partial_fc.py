@@ -102,12 +102,17 @@ class PartialFC(torch.nn.Module):
         self.class_start, self.num_local = class_split(num_classes, self.world_size, self.rank)
         self.num_sample = int(sample_rate * self.num_local)
         self.weight = torch.nn.Parameter(torch.normal(0, 0.01, (self.num_local, embedding_size)))
+        # () -> sorted class indices to score this step, in place of the random draw:
+        # compare.converge hands torchref jaxface's draws so that sampled runs coincide.
+        self.draw = None
 
     def _sample(self, labels: torch.Tensor, positive_rows: torch.Tensor) -> torch.Tensor:
         """Keep every positive class plus random negatives; relabel into the kept index."""
         with torch.no_grad():
             positive = torch.unique(labels[positive_rows], sorted=True)
-            if self.num_sample >= positive.size(0):
+            if self.draw is not None:
+                index = torch.as_tensor(self.draw(), device=self.weight.device).long()
+            elif self.num_sample >= positive.size(0):
                 perm = torch.rand(self.num_local, device=self.weight.device)
                 perm[positive] = 2.0
                 index = torch.topk(perm, k=self.num_sample)[1].sort()[0]
