@@ -100,17 +100,21 @@ def _quiet_closed_loop(previous):
     return hook
 
 
+def _quiet_orbax() -> None:
+    absl, aio = logging.getLogger("absl"), logging.getLogger("asyncio")
+    if _orbax_chatter not in absl.filters:
+        absl.addFilter(_orbax_chatter)
+    if _disk_full_echo not in aio.filters:
+        aio.addFilter(_disk_full_echo)
+    if not getattr(sys.unraisablehook, "jaxface", False):
+        sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+
+
 class Checkpointer:
     """Saves when asked (asynchronously), keeps the last `keep`, restores the latest."""
 
     def __init__(self, directory: str | Path, keep: int, asynchronous: bool = True):
-        absl, aio = logging.getLogger("absl"), logging.getLogger("asyncio")
-        if _orbax_chatter not in absl.filters:
-            absl.addFilter(_orbax_chatter)
-        if _disk_full_echo not in aio.filters:
-            aio.addFilter(_disk_full_echo)
-        if not getattr(sys.unraisablehook, "jaxface", False):
-            sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+        _quiet_orbax()
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True
@@ -338,6 +342,7 @@ def read_backbone(step_dir: str | Path) -> tuple[dict, dict, dict]:
     """(backbone params, batch_stats, info) of one checkpoint folder (RUN/checkpoints/STEP)
     as host numpy arrays: the devices here need not match the ones that saved it."""
     step_dir = Path(step_dir).absolute()
+    _quiet_orbax()  # "Metadata file does not exist" for the step's sub-folders
     try:
         handler = ocp.PyTreeCheckpointer()
         meta = handler.metadata(step_dir / "state")

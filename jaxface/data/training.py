@@ -8,6 +8,7 @@ through it, so one config gives jaxface and torchref the same batches. jax-free.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from jaxface.data.loader import HostLoader
 from jaxface.data.pack import NotOurFileError, ensure_synthetic, synthetic_prefix
 from jaxface.data.recordio import RecordIOError
 from jaxface.data.sources import SyntheticDataset, open_source
-from jaxface.data.synthetic import SyntheticFaces, write_synthetic_bin
+from jaxface.data.synthetic import HELDOUT, SyntheticFaces, write_synthetic_bin
+from jaxface.fileio import atomic_write
 
 SYNTHETIC_VAL_PAIRS = 600  # the demo's held-out verification set
 
@@ -104,6 +106,34 @@ def make_loader(
         raise ConfigError(f"{cfg.source}: config key 'rec'={cfg.rec!r}: {exc}") from None
 
 
+def _synthetic_val_set(cfg: Config, out: Path, say) -> Path:
+    """The held-out synthetic pairs for cfg's data, written unless an identical set exists
+    (its parameters are recorded in a sidecar, so a changed generator writes a new one)."""
+    if cfg.rec == "synthetic":
+        path = out / "synthetic.bin"
+    else:  # beside our own pack (ensure_synthetic checked the folder is ours)
+        prefix = synthetic_prefix(cfg.rec)
+        path = prefix.with_name(prefix.name + ".synthetic-val.bin")
+    params = dict(
+        num_classes=cfg.num_classes, num_image=cfg.num_image, seed=cfg.seed,
+        noise=cfg.synthetic_noise, jitter=cfg.synthetic_jitter, pairs=SYNTHETIC_VAL_PAIRS,
+        heldout=HELDOUT,
+    )  # fmt: skip
+    stamp = path.with_name(path.name + ".json")
+    try:
+        recorded = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded == params and path.is_file():
+        return path
+    say(f"writing {SYNTHETIC_VAL_PAIRS} held-out synthetic pairs to {path}")
+    faces = SyntheticFaces(cfg.num_classes, cfg.seed, cfg.synthetic_noise, cfg.synthetic_jitter)
+    stamp.unlink(missing_ok=True)  # no stamp while the set changes: never a wrong match
+    write_synthetic_bin(path, faces, cfg.num_image, SYNTHETIC_VAL_PAIRS)
+    atomic_write(stamp, lambda f: f.write(json.dumps(params).encode()))
+    return path
+
+
 def step_batch(loader: HostLoader, step: int, grad_accum: int):
     """This process's rows of optimizer step `step`: one batch, or [k, rows, ...] for k > 1."""
     if grad_accum == 1:
@@ -113,7 +143,9 @@ def step_batch(loader: HostLoader, step: int, grad_accum: int):
 
 
 def verification_paths(cfg: Config, out: Path, say=print) -> list[Path]:
-    """Resolve val_targets to .bin files; the synthetic set is written on first use."""
+    """Resolve val_targets to .bin files; the synthetic set is written on first use, beside
+    the packed data (one per data folder, shared by every run on it) or, for rec=synthetic,
+    in the run's folder."""
     paths = []
     for target in cfg.val_targets:
         if target == "synthetic":
@@ -122,13 +154,7 @@ def verification_paths(cfg: Config, out: Path, say=print) -> list[Path]:
                     f"{cfg.source}: val target 'synthetic' needs synthetic training data "
                     "(rec='synthetic' or pack_synthetic=true)"
                 )
-            path = out / "synthetic.bin"
-            if not path.exists():
-                say(f"writing {SYNTHETIC_VAL_PAIRS} held-out synthetic pairs to {path}")
-                faces = SyntheticFaces(
-                    cfg.num_classes, cfg.seed, cfg.synthetic_noise, cfg.synthetic_jitter
-                )
-                write_synthetic_bin(path, faces, cfg.num_image, SYNTHETIC_VAL_PAIRS)
+            path = _synthetic_val_set(cfg, out, say)
         elif target.endswith(".bin"):
             path = Path(target)
         else:
