@@ -84,13 +84,17 @@ def test_infer_bad_inputs(weights, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_onnx_export_matches_torch(weights, tmp_path):
+def test_onnx_export_matches_torch(weights, tmp_path, capfd, caplog):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     from torchref.export_onnx import export
 
     model = torch_infer.load_model(str(weights), "iresnet_tiny")
     export(model, tmp_path / "m.onnx")
+    # Quiet: the exporter's progress, its skipped torchvision operators, its deprecations.
+    printed = "".join(capfd.readouterr()) + caplog.text
+    assert "[torch.onnx]" not in printed and "torchvision" not in printed
+    assert "FutureWarning" not in printed
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 5):  # the batch dimension is dynamic
         x = np.random.default_rng(batch).uniform(-1, 1, (batch, 3, 112, 112)).astype(np.float32)

@@ -9,8 +9,10 @@ with torch's on random images.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -36,19 +38,28 @@ def export(model: torch.nn.Module, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     # torch.export-based exporter (needs onnxscript): the TorchScript one is deprecated.
     # One file (no external data): r200 is about 0.5 GB, under protobuf's 2 GB limit.
+    # The exporter's chatter says nothing about this model: a line per torchvision operator
+    # it skips (torchvision is not needed), its own deprecation warnings, its progress.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
     try:
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(tmp),
-            input_names=["input"],
-            output_names=["embedding"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-            dynamo=True,
-            external_data=False,
-        )
+        registration.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(tmp),
+                input_names=["input"],
+                output_names=["embedding"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
         os.replace(tmp, path)
     finally:
+        registration.setLevel(level)
         tmp.unlink(missing_ok=True)
 
 
