@@ -143,8 +143,18 @@ def _spread_table(report: dict, targets: list[str]) -> list[str]:
         for s in spreads
     ]
     header.append("difference within the spread?")
-    rows = [("final loss", lambda x: x["final_loss_diff"], lambda v: f"{v:+.4f}")]
-    rows += [(f"{t} accuracy", lambda x, t=t: x["accuracy_diff"].get(t), _pp) for t in targets]
+    # (label, value of a comparison, format, judged against the spread)
+    rows = [("final loss", lambda x: x["final_loss_diff"], lambda v: f"{v:+.4f}", True)]
+    rows += [
+        (f"{t} accuracy", lambda x, t=t: x["accuracy_diff"].get(t), _pp, True) for t in targets
+    ]
+    for t in targets:
+        rows += [
+            (f"{t}: embedding cosine, mean",
+             lambda x, t=t: x["agreement"].get(t, {}).get("cosine_mean"), _num, False),
+            (f"{t}: same/different agreement",
+             lambda x, t=t: x["agreement"].get(t, {}).get("decision_agreement"), _pct, False),
+        ]  # fmt: skip
     lines = [
         "",
         "bf16 column: the difference between frameworks beside the run-to-run spread "
@@ -153,20 +163,17 @@ def _spread_table(report: dict, targets: list[str]) -> list[str]:
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    for label, get, fmt in rows:
+    for label, get, fmt, judged in rows:
         diffs = [get(p) for p in pairs]
         spread = [get(s) for s in spreads]
         cells = [fmt(v) if v is not None else "-" for v in diffs + spread]
         widest = max((abs(v) for v in spread if v is not None), default=None)
-        within = (
-            "-"
-            if widest is None
-            else (
-                "yes"
-                if all(abs(v) <= widest for v in diffs if v is not None)
-                else f"no (largest spread {fmt(widest).lstrip('+')})"
-            )
-        )
+        if not judged or widest is None:
+            within = "-"
+        elif all(abs(v) <= widest for v in diffs if v is not None):
+            within = "yes"
+        else:
+            within = f"no (largest spread {fmt(widest).lstrip('+')})"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {within} |")
     return lines
 
