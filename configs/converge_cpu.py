@@ -3,7 +3,8 @@ jaxface bf16 against torchref fp16, in about ten minutes on 2 CPU cores (docs/co
 
 Harder than the demo, so that verification accuracy means something: 1,000 synthetic
 identities of 3 to 4 training images each, drawn with more noise (0.8) and shift (up to 12
-pixels) than the demo's; the held-out pairs of those identities end near 93 %, not 99.8 %.
+pixels) than the demo's; the held-out pairs end between 70 and 90 % after 100 steps
+(docs/converge.md), depending on the seed, not at the demo's 99.8 %.
 One short epoch (100 steps of 32), drawn in memory by the loader (no packing).
 """
 
