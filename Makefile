@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,torch,onnx,detect]' torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,torch,onnx,detect,wandb]' torch==2.13.0
 	touch $(STAMP)
 
 train: $(STAMP)

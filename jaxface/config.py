@@ -152,8 +152,9 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "process_id": _non_negative,
     "distributed_timeout": _positive,
     "signal_timeout": _positive,
-    # Below it, the heartbeat's three beats of slack leave no time to notice a silence.
+    # Below it, the heartbeat's four beats of slack leave no time to notice a silence.
     "peer_timeout": lambda v: None if v >= 5 else "must be at least 5 (seconds)",
+    "wandb_mode": _one_of("online", "offline"),
     "output": _non_empty,
 }
 
@@ -353,6 +354,11 @@ def _check_consistency(values: dict[str, Any], source: str) -> None:
     """Rules that involve more than one key."""
     if values["remat"] and (problem := remat_problem(values["network"])):
         raise ConfigError(f"{source}: config key 'remat'=True: {problem}")
+    if values["wandb"] and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"{source}: config key 'wandb'=True needs the wandb package: "
+            "pip install -e '.[wandb]' (or set --config.wandb=false)"
+        )
     loss = values["loss"]
     if loss in NORM_LOSSES and values["network"] in NORMALISED_BACKBONES:
         raise ConfigError(

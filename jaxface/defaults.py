@@ -119,6 +119,14 @@ def get_config() -> dict:
         val_targets=[],
         verbose=2000,  # evaluate on val_targets every this many steps, and at the end
         tensorboard=True,  # events in output/tensorboard besides metrics.jsonl
+        # Weights & Biases (pip install -e '.[wandb]'): the same records, the run's config;
+        # a resumed run continues its W&B run. mode: online | offline (OUTPUT/wandb, synced
+        # later with `wandb sync`).
+        wandb=False,
+        wandb_project="jaxface",
+        wandb_entity=Unset(str),  # the W&B team or user; None: the account's default
+        wandb_name=Unset(str),  # None: the output folder's name
+        wandb_mode="online",
         # Multi-host (see README): explicit coordinator, or cluster auto-detection.
         distributed=False,  # true: jax.distributed.initialize() from the environment (SLURM...)
         coordinator_address=Unset(str),  # "host:port" of process 0; then num_processes, process_id

@@ -55,6 +55,7 @@ _RULES: dict[str, tuple[str, ...]] = {
         "pack_synthetic", "num_workers", "skip_corrupt", "num_devices", "frequent", "progress",
         "output", "resume", "allow_data_change", "allow_state_change", "init_from",
         "checkpoint_every", "keep_checkpoints", "val_targets", "verbose", "tensorboard",
+        "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_mode",
         "distributed", "coordinator_address", "num_processes", "process_id",
         "distributed_timeout", "signal_timeout", "peer_timeout",
     ),

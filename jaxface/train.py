@@ -50,6 +50,8 @@ from jaxface.runlog import RunLog
 from jaxface.setup import Run, build
 from jaxface.stopping import Stopped, StopRequest
 from jaxface.verify import Verifier, format_result
+from jaxface.wandb_log import ID_FILE as WANDB_ID_FILE
+from jaxface.wandb_log import WandbLog
 from jaxface.weights import load_backbone
 
 DEFAULT_CONFIG = "configs/demo.py"
@@ -110,7 +112,10 @@ def train(cfg) -> dict:
         verifier = (
             Verifier(val_paths, run.mesh, run.embed, derived.global_batch) if val_paths else None
         )
-        log = RunLog(out, cfg.tensorboard, append=cfg.resume, enabled=is_main)
+        wandb = (
+            WandbLog(cfg, out, start_step > 0, progress.message) if cfg.wandb and is_main else None
+        )
+        log = RunLog(out, cfg.tensorboard, append=cfg.resume, enabled=is_main, wandb=wandb)
         cleanup.callback(log.close)
         progress.message(_header(run, state, start_step, out))
 
@@ -301,7 +306,8 @@ def _restore_or_init(run: Run, checkpoint_dir: Path, stream: dict, say, auto: bo
             return run.to_step(state), checkpointer
     if is_main:  # an earlier run's results are moved aside, never overwritten
         out = checkpoint_dir.parent
-        for earlier in (checkpoint_dir, out / "metrics.jsonl", out / "tensorboard"):
+        earlier_runs = ("metrics.jsonl", "tensorboard", WANDB_ID_FILE)
+        for earlier in (checkpoint_dir, *(out / name for name in earlier_runs)):
             moved = set_aside(earlier)
             if moved:
                 say(f"{earlier} of an earlier run moved to {moved.name} (resume=false)")

@@ -107,10 +107,18 @@ def test_sigkill_during_training_leaves_a_usable_checkpoint(repo, tmp_path):
     assert [r["step"] for r in resumed["history"]] == [latest + 1, latest + 2]
 
 
-def test_export_eval_plot_and_tensorboard(repo, tmp_path, capsys, small_val_bin):
+def test_export_eval_plot_tensorboard_and_wandb(repo, tmp_path, capsys, small_val_bin):
+    pytest.importorskip("wandb")
     out = tmp_path / "run"
     summary = train(_cfg(repo, out, max_steps=4, val_targets=str(small_val_bin), verbose=4,
-                         tensorboard=True))  # fmt: skip
+                         tensorboard=True, wandb=True, wandb_mode="offline"))  # fmt: skip
+    # W&B, offline: one run under OUTPUT/wandb named by the id jaxface keeps for resumes; its
+    # records hold the same keys as TensorBoard's.
+    run_id = (out / "wandb-run-id").read_text()
+    (record_file,) = (out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    logged = record_file.read_bytes()
+    assert b"train/loss" in logged and b"val/small_val/accuracy" in logged
+    assert f"W&B run run ({run_id}): offline in {out / 'wandb'}" in capsys.readouterr().out
     state = jax.device_get(summary["state"])
     params, stats, meta = load_weights(out / "backbone.npz")
     assert meta == {"network": "iresnet_tiny", "num_batches_tracked": 4}

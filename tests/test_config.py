@@ -270,3 +270,11 @@ def test_the_elasticface_job_config_follows_its_switches(repo):
     assert load_config(job, {"elastic_plus": "true"}).elastic_std == 0.0175
     cos = load_config(job, {"loss": "elasticface_cos", "elastic_plus": "true"})
     assert (cos.elastic_m, cos.elastic_std) == (0.35, 0.02)
+
+
+def test_wandb_needs_its_package_and_a_known_mode(repo, monkeypatch):
+    with pytest.raises(ConfigError, match="'wandb_mode'='cloud' must be one of online, offline"):
+        load_config(repo / "configs/demo.py", {"wandb_mode": "cloud"})
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"'wandb'=True needs the wandb package: pip install"):
+        load_config(repo / "configs/demo.py", {"wandb": "true"})

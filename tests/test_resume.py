@@ -73,6 +73,13 @@ CHANGE = {
     "pack_synthetic": {"pack_synthetic": True},
     "num_workers": {"num_workers": 3},
     "flip": {"flip": False},
+    # Logging only (RUN rule, read by nothing a resume restores); a resume continuing the
+    # W&B run: tests/test_wandb_log.py. Not resumed here: each change costs a resume.
+    "wandb": None,
+    "wandb_project": None,
+    "wandb_entity": None,
+    "wandb_name": None,
+    "wandb_mode": None,
     "augment": {"augment": True},
     "adaface_augment": {"adaface_augment": True},
     "crop_augmentation_prob": {"crop_augmentation_prob": 0.5},
