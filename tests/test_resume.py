@@ -117,6 +117,7 @@ CHANGE = {
     "process_id": {"process_id": 0},
     "distributed_timeout": {"distributed_timeout": 60},
     "signal_timeout": {"signal_timeout": 60.0},
+    "peer_timeout": {"peer_timeout": 60.0},
 }  # fmt: skip
 
 # STATE keys changed so that the state's structure changes: refused, then converted.
