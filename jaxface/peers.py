@@ -90,16 +90,17 @@ class Monitor:
     def __init__(self, client, me, count, peer_timeout, coordinator, checkpoints: Path):
         self.client, self.me, self.count = client, me, count
         self.coordinator, self.checkpoints = coordinator, checkpoints
-        # Three beats of slack: the verdict, the others reading it, and process 0's wait
-        # for them all fit in peer_timeout.
+        # Four beats of slack: the judge's half beat, process 0's two beats of waiting
+        # for the others to read its verdict, and a beat for exiting fit in peer_timeout.
         self.interval = min(5.0, peer_timeout / 10)
-        self.stale_after = peer_timeout - 3 * self.interval
+        self.stale_after = peer_timeout - 4 * self.interval
         now = time.monotonic()
         self.seen = {p: ("", now) for p in range(count) if p != me}  # value, when it moved
         self.last_answer = now  # the coordinator's last answer to this process
         self.verdict: list[int] = []
         self.hosts: dict[int, str] = {}
         self.cleanups: list = []
+        self.exit_code: int | None = None  # once the run has ended: the status it ends with
         self._stop = threading.Event()
         self._exiting = threading.Lock()
 
@@ -119,18 +120,20 @@ class Monitor:
         for target in (self._beat, self._judge):
             threading.Thread(target=target, daemon=True, name=f"jaxface-{target.__name__}").start()
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         """Done: the others stop watching this process."""
+        self.exit_code = exit_code
         self._stop.set()
         with contextlib.suppress(Exception):
             self.client.key_value_set(self._alive(self.me), DONE, allow_overwrite=True)
 
     def failed(self, exc: BaseException) -> None:
         if isinstance(exc, Stopped):
-            self.finish()
+            self.finish(exc.exit_code)
             return
         if isinstance(exc, jax.errors.JaxRuntimeError):
             self._wait_for_verdict()
+        self.exit_code = 1
         self._stop.set()  # no more beats: the others see this process stop
 
     # --- The heartbeat and process 0's verdict.
@@ -207,6 +210,10 @@ class Monitor:
 
     def _on_abort(self, signum: int) -> None:
         """XLA is aborting this process (from one of its own threads): say why instead."""
+        if self.exit_code is not None:
+            # The run has ended and said how (its summary, its error, its signal): an abort
+            # while the processes shut down, one of them gone, changes nothing of that.
+            os._exit(self.exit_code)
         if self.verdict:
             self._lost(self.verdict)
         if self.me != 0 and not _answers(self.coordinator):
@@ -220,13 +227,13 @@ class Monitor:
         )
 
     def _lost(self, processes: list[int]) -> None:
-        if self.me == 0 and processes != [0]:
+        if self.me == 0 and len(processes) < self.count - 1:
             with contextlib.suppress(Exception):
                 self.client.key_value_set(
                     f"{PREFIX}verdict/lost", ",".join(map(str, processes)), allow_overwrite=True
                 )
-            # The others read the verdict on their next beat; the store ends with us.
-            time.sleep(2 * self.interval + 1)
+            # The other survivors read the verdict on their next beat; the store ends with us.
+            time.sleep(2 * self.interval)
         some = "es" if len(processes) > 1 else ""
         names = ", ".join(map(str, processes))
         hosts = ", ".join(self.hosts.get(p, "?") for p in processes)

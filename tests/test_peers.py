@@ -3,21 +3,20 @@ survivor stops within `peer_timeout` with one line naming the lost process and t
 complete checkpoint, exit 1, nothing left behind; the job resumes from that checkpoint on
 one process of 8 devices."""
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from jaxface.data.loader import RING_PREFIX
+from jaxface.peers import DONE, Monitor
 from jaxface.runlock import LOCK_NAME
-
-pytestmark = [pytest.mark.multiprocess]
 
 PEER_TIMEOUT = 10
 RUN = dict(num_classes=12, num_image=4000, batch_size=2, embedding_size=16, frequent=1,
@@ -106,7 +105,8 @@ def _kill_one(repo, cache, tmp_path, victim: int, **overrides):
 
 
 def _check_one_line(err: str, lost: int, took: float, out: Path):
-    assert took < PEER_TIMEOUT + 2, (took, err[-3000:])  # +2: a busy machine's slack
+    print(f"process {lost} killed: the survivor exited {took:.1f} s later")  # with -s
+    assert took < PEER_TIMEOUT, (took, err[-3000:])
     assert "Traceback" not in err and "Check failure" not in err and "@ 0x" not in err, err
     lines = [x for x in err.splitlines() if "stopped answering" in x]
     assert len(lines) == 1, err[-3000:]
@@ -120,6 +120,7 @@ def _check_one_line(err: str, lost: int, took: float, out: Path):
     return last
 
 
+@pytest.mark.multiprocess
 def test_killed_process_1_stops_process_0_with_one_line_and_the_job_resumes(repo, cache, tmp_path):
     out = tmp_path / "run"
     code, took, err, pid, workers = _kill_one(repo, cache, tmp_path, victim=1, num_workers=1)
@@ -129,16 +130,18 @@ def test_killed_process_1_stops_process_0_with_one_line_and_the_job_resumes(repo
     assert workers and all(_gone(w) for w in workers)  # they exit with their parent
     assert not [p for d in ("/dev/shm", "/tmp") for p in Path(d).glob(f"{RING_PREFIX}{pid}-*")]
     assert (out / LOCK_NAME).read_text() == ""
-    # The job goes on from that checkpoint on one process of 8 devices.
-    one = _train(repo, cache, out, 8, resume="true", max_steps=last + 1)
+    # The job goes on from that checkpoint on one process of 8 devices: every array read
+    # back into the new mesh. No step is run: a 1 x 8 program would be compiled afresh (half
+    # a minute here), and tests/test_resume.py shows a restored state trains as it would have.
+    one = _train(repo, cache, out, 8, resume="true", max_steps=last)
     stdout, stderr = one.communicate(timeout=300)
     assert one.returncode == 0, stderr[-3000:]
     said = stdout + stderr
-    assert f"resumed from {out / 'checkpoints' / str(last)} (step {last}, saved on 8" in said
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r][-1] == last + 1
+    where = out / "checkpoints" / str(last)
+    assert f"resumed from {where} (step {last}, saved on 8 device(s), now 8)" in said, said
 
 
+@pytest.mark.multiprocess
 def test_killed_coordinator_stops_process_1_with_one_line(repo, cache, tmp_path):
     code, took, err, _, _ = _kill_one(repo, cache, tmp_path, victim=0, num_workers=0)
     assert code == 1, err[-3000:]
@@ -153,3 +156,60 @@ def _gone(pid: int, timeout=10.0) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+class _Store:
+    """The coordinator's key-value store, in memory, as the runtime client offers it."""
+
+    def __init__(self):
+        self.kv = {}
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        self.kv[key] = value
+
+    def key_value_dir_get(self, folder):
+        return [(k, v) for k, v in list(self.kv.items()) if k.startswith(folder)]
+
+    def key_value_try_get(self, key):
+        return self.kv[key]
+
+
+def _monitors(count: int) -> tuple[list[Monitor], dict[int, str]]:
+    """`count` monitors on one store, beating fast; what each would print on exiting."""
+    store, said = _Store(), {}
+    monitors = [Monitor(store, me, count, 5, "127.0.0.1:1", Path("/nonexistent")) for me in
+                range(count)]  # fmt: skip
+    for m in monitors:
+        m.interval, m.stale_after = 0.05, 0.5
+        m.hosts = {p: f"node{p}" for p in range(count)}
+        store.key_value_set(m._alive(m.me), "0")
+
+        def _exit(what, m=m):
+            said[m.me] = what
+            m._stop.set()  # its threads end, as os._exit would end the process
+
+        m._exit = _exit
+        for target in (m._beat, m._judge):
+            threading.Thread(target=target, daemon=True).start()
+    return monitors, said
+
+
+def test_every_survivor_names_the_lost_process_and_a_finished_one_is_not_lost():
+    """Three processes: the one that stops beating is named by process 0's verdict on
+    every survivor; one that finished (wrote "done") is never reported."""
+    monitors, said = _monitors(3)
+    monitors[2]._stop.set()  # killed: no more beats
+    deadline = time.time() + 10
+    while len(said) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert set(said) == {0, 1}
+    for me in (0, 1):
+        assert said[me].startswith("process 2 of 3 (host node2) stopped answering"), said[me]
+        assert f"so this process ({me}) stops too" in said[me]
+    monitors, said = _monitors(3)
+    monitors[2].finish()
+    assert monitors[2]._stop.is_set() and monitors[0].client.kv["jaxface/peers/alive/2"] == DONE
+    time.sleep(1.5)  # three times stale_after
+    assert said == {}
+    for m in monitors:
+        m._stop.set()
