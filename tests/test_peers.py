@@ -12,8 +12,10 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import pytest
 
+from jaxface import peers
 from jaxface.data.loader import RING_PREFIX
 from jaxface.peers import DONE, Monitor
 from jaxface.runlock import LOCK_NAME
@@ -158,6 +160,12 @@ def _gone(pid: int, timeout=10.0) -> bool:
     return True
 
 
+def guard_of(monitor: Monitor, monkeypatch):
+    """peers.guard() with `monitor` as the process's own (for this test only)."""
+    monkeypatch.setattr(peers, "_monitor", monitor)
+    return peers.guard()
+
+
 class _Store:
     """The coordinator's key-value store, in memory, as the runtime client offers it."""
 
@@ -211,5 +219,25 @@ def test_every_survivor_names_the_lost_process_and_a_finished_one_is_not_lost():
     assert monitors[2]._stop.is_set() and monitors[0].client.kv["jaxface/peers/alive/2"] == DONE
     time.sleep(1.5)  # three times stale_after
     assert said == {}
+    for m in monitors:
+        m._stop.set()
+
+
+def test_a_collective_error_waits_for_the_verdict_or_is_the_process_own(monkeypatch):
+    """A collective that fails (instead of waiting) because a process is lost ends in the
+    lost-process line; with every process beating, the error is this process's own."""
+    monitors, said = _monitors(3)
+    monitors[2]._stop.set()
+    with pytest.raises(jax.errors.JaxRuntimeError), guard_of(monitors[1], monkeypatch):
+        raise jax.errors.JaxRuntimeError("UNAVAILABLE: connection reset by peer")
+    assert said[1].startswith("process 2 of 3 (host node2) stopped answering"), said
+    monitors, said = _monitors(3)
+    for m in monitors:
+        m.stale_after = 5.0  # the wait's bound: returning well before it is the beats' doing
+    start = time.time()
+    with pytest.raises(jax.errors.JaxRuntimeError), guard_of(monitors[1], monkeypatch):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    assert said == {} and time.time() - start < 3
+    assert monitors[1].exit_code == 1 and monitors[1]._stop.is_set()
     for m in monitors:
         m._stop.set()
