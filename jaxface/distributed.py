@@ -73,8 +73,9 @@ def initialize(cfg) -> bool:
         watchdog.cancel()
     if explicit:
         _check_process_counts(cfg)
-    client = jax_distributed.global_state.client
-    peers.start(cfg, client, jax_distributed.global_state.coordinator_address, cli.debugging())
+    if jax.process_count() > 1:
+        state = jax_distributed.global_state
+        peers.start(cfg, state.client, state.coordinator_address, cli.debugging())
     return True
 
 

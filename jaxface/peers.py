@@ -191,7 +191,7 @@ class Monitor:
         process has beaten three more times (the error is this process's own)."""
         since, before = time.monotonic(), {p: value for p, (value, _) in self.seen.items()}
         moved: dict[int, int] = dict.fromkeys(before, 0)
-        while time.monotonic() - since < self.stale_after + 2 * self.interval:
+        while time.monotonic() - since < self.stale_after + 4 * self.interval:  # peer_timeout
             try:
                 beats = self._beats(everyone=True)
             except Exception:  # noqa: BLE001 - a coordinator gone: the judge or the abort says so
@@ -234,13 +234,15 @@ class Monitor:
                 )
             # The other survivors read the verdict on their next beat; the store ends with us.
             time.sleep(2 * self.interval)
-        some = "es" if len(processes) > 1 else ""
         names = ", ".join(map(str, processes))
         hosts = ", ".join(self.hosts.get(p, "?") for p in processes)
-        role = ", the coordinator" if processes == [0] else ""
+        if len(processes) > 1:
+            who, node = f"processes {names} of {self.count} (hosts {hosts})", "their nodes"
+        else:
+            role = ", the coordinator" if processes == [0] else ""
+            who, node = f"process {names} of {self.count} (host {hosts}{role})", "its node"
         self._exit(
-            f"process{some} {names} of {self.count} (host{'s' if some else ''} {hosts}{role}) "
-            f"stopped answering (killed, out of memory, or its node failed), so this "
+            f"{who} stopped answering (killed, out of memory, or {node} failed), so this "
             f"process ({self.me}) stops too"
         )
 
