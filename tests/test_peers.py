@@ -16,7 +16,7 @@ import jax
 import pytest
 
 from jaxface import peers
-from jaxface.data.loader import RING_PREFIX
+from jaxface.data.loader import RING_PREFIX, remove_stale_rings
 from jaxface.peers import DONE, Monitor
 from jaxface.runlock import LOCK_NAME
 
@@ -91,7 +91,7 @@ def _children(pid: int) -> list[int]:
 
 def _kill_one(repo, cache, tmp_path, victim: int, **overrides):
     """Both processes up, the first checkpoint written, `victim` killed: the survivor's
-    (exit status, seconds it took, stderr, pid, its decode workers)."""
+    (exit status, seconds it took, stderr, rings it left, its decode workers)."""
     out = tmp_path / "run"
     procs = _pair(repo, cache, out, **overrides)
     _first_checkpoint(procs, out / "checkpoints")
@@ -105,7 +105,10 @@ def _kill_one(repo, cache, tmp_path, victim: int, **overrides):
         for p in procs:
             p.kill()
             p.communicate()
-    return survivor.returncode, time.time() - killed, err, survivor.pid, workers
+    took = time.time() - killed
+    left = [p for d in ("/dev/shm", "/tmp") for p in Path(d).glob(f"{RING_PREFIX}{survivor.pid}-*")]
+    remove_stale_rings()  # the killed process's (SIGKILL runs nothing), as a next loader does
+    return survivor.returncode, took, err, left, workers
 
 
 def _check_one_line(err: str, lost: int, took: float, out: Path):
@@ -127,12 +130,12 @@ def _check_one_line(err: str, lost: int, took: float, out: Path):
 @pytest.mark.multiprocess
 def test_killed_process_1_stops_process_0_with_one_line_and_the_job_resumes(repo, cache, tmp_path):
     out = tmp_path / "run"
-    code, took, err, pid, workers = _kill_one(repo, cache, tmp_path, victim=1, num_workers=1)
+    code, took, err, rings, workers = _kill_one(repo, cache, tmp_path, victim=1, num_workers=1)
     assert code == 1, err[-3000:]
     last = _check_one_line(err, 1, took, out)
     # Nothing of the survivor's left: its decode worker, its ring, its lock's holder.
     assert workers and all(_gone(w) for w in workers)  # they exit with their parent
-    assert not [p for d in ("/dev/shm", "/tmp") for p in Path(d).glob(f"{RING_PREFIX}{pid}-*")]
+    assert not rings
     assert (out / LOCK_NAME).read_text() == ""
     # The job goes on from that checkpoint on one process of 8 devices: every array read
     # back into the new mesh. No step is run: a 1 x 8 program would be compiled afresh (half
