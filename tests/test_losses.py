@@ -352,7 +352,7 @@ def test_gradient_modes_differ_where_the_margin_depends_on_the_cosine():
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("adaface_h", "0", "'adaface_h'=0.0 must be > 0"),
+        ("adaface_h", "-0.1", "'adaface_h'=-0.1 must be >= 0"),
         ("adaface_t_alpha", "0", "'adaface_t_alpha'=0.0 must be in \\(0, 1\\]"),
         ("adaface_t_alpha", "1.5", "'adaface_t_alpha'=1.5 must be in \\(0, 1\\]"),
         ("curricular_m", "2", "'curricular_m'=2.0 must be in \\[0, pi/2\\)"),
