@@ -71,9 +71,25 @@ def largest_class_count(
     m1 = memory(c1)["peak"]
     per_class = (m1 - m0) / (c1 - c0)
     fixed = m0 - per_class * c0
-    best = int((memory_bytes - fixed) / per_class) // num_devices * num_devices
-    checked = memory(max(best, 1))
-    while checked["peak"] > memory_bytes and best > num_devices:  # the fit is an estimate
+
+    def fit(a, b):  # the class count where the line through two (classes, peak) meets the budget
+        slope = (b[1] - a[1]) / (b[0] - a[0]) if b[0] != a[0] else per_class
+        slope = slope if slope > 0 else per_class
+        classes = a[0] + (memory_bytes - a[1]) / slope
+        return max(int(classes) // num_devices * num_devices, num_devices)
+
+    # Memory is affine only to within XLA's buffer packing: refit through the nearest
+    # compile (secant steps) instead of shrinking by a fixed fraction, which took a dozen
+    # compiles when the first estimate was off by a few percent.
+    near, best = (c1, m1), fit((c0, m0), (c1, m1))
+    checked = memory(best)
+    for _ in range(4):
+        if checked["peak"] <= memory_bytes or best <= num_devices:
+            break
+        near, best = (best, checked["peak"]), fit(near, (best, checked["peak"]))
+        best = min(best, int(near[0] * 0.995) // num_devices * num_devices)  # always down
+        checked = memory(best)
+    while checked["peak"] > memory_bytes and best > num_devices:  # rarely: the last resort
         best = int(best * 0.98) // num_devices * num_devices
         checked = memory(best)
     return best, {"bytes_per_class": per_class, "fixed_bytes": fixed, **checked}

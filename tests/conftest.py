@@ -1,6 +1,9 @@
 """Tests run on CPU with 8 virtual devices, so sharding is exercised without a GPU."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is first imported anywhere in the test session.
 os.environ["XLA_FLAGS"] = (
@@ -12,6 +15,18 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the session, this process and the processes tests start: many
+# tests compile the same small train step again (a run, then its resume; two processes,
+# then one). Fresh per session, so nothing carries over between runs of the suite.
+_CACHE = tempfile.mkdtemp(prefix="jaxface-test-jit-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# A size limit turns on jax's file lock around every read and write of the cache: without
+# it, a process could read an entry another is still writing (a warning on stderr, which
+# tests that want exactly one line there would see).
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
 
 from pathlib import Path  # noqa: E402
 
