@@ -125,7 +125,7 @@ def test_val_targets_resolve(repo, tmp_path, monkeypatch):
     packed = _cfg(repo, tmp_path, val_targets="synthetic", rec=str(data), pack_synthetic="true")
     data.parent.mkdir()
     runs = [verification_paths(packed, tmp_path / run, said.append) for run in ("a", "b")]
-    assert runs == [[data.with_name("train.synthetic-val.bin")]] * 2 and len(said) == 1
+    assert runs == [[data.with_name("train.val") / "synthetic.bin"]] * 2 and len(said) == 1
     verification_paths(packed.replace(seed=5), tmp_path / "c", said.append)
     assert len(said) == 2 and not list(tmp_path.glob("[abc]"))
     cfg = _cfg(repo, tmp_path, val_targets="lfw", rec=str(tmp_path / "data"))

@@ -111,9 +111,11 @@ def _synthetic_val_set(cfg: Config, out: Path, say) -> Path:
     (its parameters are recorded in a sidecar, so a changed generator writes a new one)."""
     if cfg.rec == "synthetic":
         path = out / "synthetic.bin"
-    else:  # beside our own pack (ensure_synthetic checked the folder is ours)
+    else:  # beside our own pack (ensure_synthetic checked the folder is ours); a folder
+        # named after the pack, so that the set is still called `synthetic`
         prefix = synthetic_prefix(cfg.rec)
-        path = prefix.with_name(prefix.name + ".synthetic-val.bin")
+        path = prefix.with_name(prefix.name + ".val") / "synthetic.bin"
+        path.parent.mkdir(exist_ok=True)
     params = dict(
         num_classes=cfg.num_classes, num_image=cfg.num_image, seed=cfg.seed,
         noise=cfg.synthetic_noise, jitter=cfg.synthetic_jitter, pairs=SYNTHETIC_VAL_PAIRS,
