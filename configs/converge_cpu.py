@@ -1,10 +1,10 @@
 """python -m compare.converge's CPU setting: jaxface and torchref side by side, fp32 and
-jaxface bf16 against torchref fp16, in about ten minutes on 2 CPU cores (docs/converge.md).
+jaxface bf16 against torchref fp16, in about five minutes on 2 idle CPU cores (docs/converge.md).
 
 Harder than the demo, so that verification accuracy means something: 1,000 synthetic
 identities of 3 to 4 training images each, drawn with more noise (0.8) and shift (up to 12
-pixels) than the demo's; the held-out pairs end between 70 and 90 % after 100 steps
-(docs/converge.md), depending on the seed, not at the demo's 99.8 %.
+pixels) than the demo's; the held-out pairs end between 60 and 80 % after 100 steps
+(docs/converge.md), depending on the seed and framework, well below 100 %.
 One short epoch (100 steps of 32), drawn in memory by the loader (no packing).
 """
 
