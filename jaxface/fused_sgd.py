@@ -52,9 +52,12 @@ class FusedSGD:
     def update(self, updates, state, params=None):
         return self.chain.update(updates, state, params)
 
-    def apply(self, params, grads, state, finite=None):
+    def apply(self, params, grads, state, finite=None, alone=None):
         """(new params, new state). `finite` False (fp16 overflow) keeps both as they were,
-        the step count included; None: always apply."""
+        the step count included; None: always apply. A large leaf whose gradient is None is
+        updated by `alone(p, m, step_size, apply)` -> (new p, new m), apply a float32 1 or
+        0: the class centres, whose gradient the caller never forms
+        (jaxface.heads.centre_update)."""
         count = otu.tree_get(state, "count")
         step_size = -self.schedule(count)
         path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -65,6 +68,17 @@ class FusedSGD:
             self.clip_only is None or path[0].key == self.clip_only for path, _ in path_leaves
         ]
         groups = _groups(p, clipped, self.large)
+        new_p, new_m = list(p), list(m)
+        deferred = [grp for grp in groups if len(grp[0]) == 1 and g[grp[0][0]] is None]
+        if deferred:
+            if alone is None:
+                raise ValueError("a gradient is None and no update for it was given (alone)")
+            apply = jnp.float32(1.0) if finite is None else finite.astype(jnp.float32)
+            if self.clip_norm > 0 and any(clip for _, clip in deferred):
+                raise ValueError("a clipped leaf's gradient is needed for the global norm")
+            for (i,), _ in deferred:
+                new_p[i], new_m[i] = alone(p[i], m[i], step_size, apply)
+            groups = [grp for grp in groups if grp not in deferred]
 
         views = []
         for idx, clip in groups:
@@ -85,7 +99,6 @@ class FusedSGD:
 
             views = [(pv, clip_fn(gv) if c else gv, mv, c) for pv, gv, mv, c in views]
 
-        new_p, new_m = list(p), list(m)
         for (idx, _), (pv, gv, mv, _) in zip(groups, views, strict=True):
             d = gv + self.weight_decay * pv
             mv_next = d + self.momentum * mv

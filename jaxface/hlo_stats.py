@@ -64,6 +64,7 @@ KINDS = (
     "copy",
     "transpose",
     "collective",
+    "pallas",
     "other",
 )
 KIND_TITLES = {
@@ -76,6 +77,7 @@ KIND_TITLES = {
     "transpose": "transposes (and transpose fusions)",
     "collective": "collectives",
     "other": "other",
+    "pallas": "Pallas kernels",
 }
 # Instructions that launch nothing.
 _FREE = {
@@ -509,6 +511,8 @@ def _kernel(
                 backward = "filter"
             x = comp.by_name.get(inst.operands[0]) if inst.operands else None
             return "cudnn_conv", _conv_flops(inst, comp, backward), _dtype(x.shape) if x else ""
+        if target == "__gpu$xla.gpu.triton":  # a Pallas kernel (its FLOPs are not counted)
+            return "pallas", 0.0, ""
         if "gemm" in target or "matmul" in target:
             config = _backend_config(inst)
             dims = config.get("gemm_backend_config", config).get("dot_dimension_numbers", {})

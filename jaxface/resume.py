@@ -43,9 +43,9 @@ _RULES: dict[str, tuple[str, ...]] = {
         "synthetic_jitter",
     ),
     HONOURED: (
-        "dropout", "remat", "precision", "tf32", "sync_bn", "grad_reduce", "margin_list",
-        "scale", "interclass_filtering_threshold", "margin_grad", "adaface_m", "adaface_h",
-        "adaface_t_alpha", "curricular_m", "magface_l_a", "magface_u_a", "magface_l_m",
+        "dropout", "remat", "precision", "tf32", "sync_bn", "grad_reduce", "fused_head_update",
+        "margin_list", "scale", "interclass_filtering_threshold", "margin_grad", "adaface_m",
+        "adaface_h", "adaface_t_alpha", "curricular_m", "magface_l_a", "magface_u_a", "magface_l_m",
         "magface_u_m", "magface_lambda_g", "elastic_m", "elastic_std", "elastic_plus", "lr",
         "weight_decay", "adamw_betas", "adamw_eps", "warmup_epoch", "lr_power", "flip",
         "augment", "adaface_augment", "crop_augmentation_prob", "low_res_augmentation_prob",

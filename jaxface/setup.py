@@ -182,6 +182,7 @@ def build(cfg: Config, mesh: Mesh, *, freeze_bn: bool = False) -> Run:
         grad_accum=cfg.gradient_acc,
         freeze_bn=freeze_bn,
         reduce_dtype={"fp32": jnp.float32, "bf16": jnp.bfloat16}[cfg.grad_reduce],
+        head_kernel=cfg.fused_head_update,
     )
     return Run(
         cfg=cfg,

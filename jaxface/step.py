@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxface.fused_sgd import FusedSGD
 from jaxface.grad_buckets import BUCKET_BYTES, backward_buckets, flatten, forward_order
-from jaxface.heads import Margin, PerSampleLoss, init_class_centres
+from jaxface.heads import Margin, PerSampleLoss, centre_update, init_class_centres
 from jaxface.heads.partial_fc import loss_on_device, sample_on_device
 from jaxface.heads.sampled_sgd import SampledSGD
 from jaxface.mesh import DATA_AXIS, class_sharding, replicated
@@ -176,6 +176,7 @@ def make_train_step(
     freeze_bn: bool = False,
     reduce_dtype=jnp.float32,
     bucket_bytes: int = BUCKET_BYTES,
+    head_kernel: bool = True,
 ):
     """(state, uint8 images, int32 labels) -> (state, metrics).
 
@@ -192,8 +193,11 @@ def make_train_step(
     class centres' gradients stay on their device. The state is in the step's layout
     (`device_state`: kernels OHWI, statistics per device). With `SampledSGD` the step
     differentiates with respect to the sampled rows only, then updates the whole matrix
-    elementwise in place: no dense [C, E] gradient. Otherwise the gradient flows through
-    the gather to the whole block.
+    elementwise in place: no dense [C, E] gradient. With `FusedSGD` and the whole block
+    scored (no sampling, no accumulation) the step differentiates with respect to the
+    cosines and `jaxface.heads.centre_update` updates the centres from them (on GPUs in one
+    kernel, if `head_kernel`): no dense [C, E] gradient either. Otherwise the gradient flows
+    through the gather to the whole block.
     """
     policy = model.policy
     rows_only = isinstance(tx, SampledSGD)
@@ -201,6 +205,10 @@ def make_train_step(
         raise ValueError("SampledSGD needs num_sample (sample_rate < 1) and grad_accum 1")
     num_devices = mesh.shape[DATA_AXIS]
     model = model.clone(bn_groups=_local_bn_groups(model.bn_groups, num_devices))
+    # The dense head's centres updated from the cosines' gradient (centre_update).
+    via_cosines = isinstance(tx, FusedSGD) and num_sample is None and grad_accum == 1
+    on_gpu = mesh.devices.flat[0].platform in ("gpu", "cuda")
+    use_kernel = head_kernel and on_gpu
 
     def bucket_groups(backbone, batch_stats):
         """The backbone's leaves in all-reduce buckets: one on one device (nothing to
@@ -217,9 +225,12 @@ def make_train_step(
         )
         return backward_buckets(sizes, order, bucket_bytes)
 
-    def device_loss(params, batch_stats, images, labels, picked, aux, scale, loss_state):
+    def device_loss(
+        params, batch_stats, images, labels, picked, aux, scale, loss_state, centres=None
+    ):
         """The loss (equal on every device) of this device's images and class rows, scaled,
-        with (loss, (BatchNorm statistics, loss state))."""
+        with (loss, (BatchNorm statistics, loss state), what the centres' update needs).
+        `centres` given (not differentiated): the head is params["head"]["cos_offset"]."""
         dropout_key, loss_key_data, num_local = aux  # num_local: a static int
         x = normalize_images(images, policy.compute_dtype)
         variables = {"params": model_params(params["backbone"]), "batch_stats": batch_stats}
@@ -230,10 +241,12 @@ def make_train_step(
                 variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key}
             )
             new_stats = updates["batch_stats"]
-        centres = params["head"]["centres"]
+        offset = None if centres is None else params["head"]["cos_offset"]
+        if centres is None:
+            centres = params["head"]["centres"]
         full = picked.shape[0] == centres.shape[0]  # the whole block, sorted: no gather
         rows = centres if rows_only or full else centres[picked]
-        loss, loss_state = loss_on_device(
+        out = loss_on_device(
             embeddings,
             labels,
             rows,
@@ -244,9 +257,11 @@ def make_train_step(
             num_classes=num_classes,
             num_local=num_local,
             precision=policy.matmul_precision,
+            cos_offset=offset,
         )
+        loss, loss_state, parts = out if offset is not None else (*out, None)
         # fp16: the backward pass runs on the scaled loss so that small gradients survive.
-        return loss * scale, (loss, (new_stats, loss_state))
+        return loss * scale, (loss, (new_stats, loss_state), parts)
 
     grad_fn = jax.value_and_grad(device_loss, has_aux=True)
 
@@ -275,10 +290,22 @@ def make_train_step(
             )
         if rows_only:
             params = {**params, "head": {"centres": params["head"]["centres"][picked]}}
+        centres = None
+        if via_cosines:
+            # Differentiated instead of the centres: zeros added to the cosines, whose
+            # gradient is the loss's with respect to the cosines. Varying, as the cosines
+            # are (an invariant input's gradient would be summed over the devices).
+            centres = params["head"]["centres"]
+            batch = labels.shape[0] * num_devices
+            offset = jnp.zeros((batch, num_local), jnp.float32)
+            params = {
+                **params,
+                "head": {"cos_offset": jax.lax.pcast(offset, DATA_AXIS, to="varying")},
+            }
         # Varying copies of the replicated weights: their gradients stay this device's
         # share, summed below in buckets rather than by autodiff leaf by leaf.
         params = {**params, "backbone": jax.lax.pcast(params["backbone"], DATA_AXIS, to="varying")}
-        (_, (loss, stats)), grads = grad_fn(
+        (_, (loss, stats, parts)), grads = grad_fn(
             params,
             batch_stats,
             images,
@@ -287,7 +314,13 @@ def make_train_step(
             (dropout_key, loss_key_data, num_local),
             scale,
             loss_state,
+            centres,
         )
+        if via_cosines:
+            unit, unclipped, inv_norm, sum_sq = parts
+            dcos = grads["head"]["cos_offset"]
+            scaled, c = centre_update.row_terms(dcos, unclipped, inv_norm, sum_sq)
+            grads = {**grads, "head": {"s": scaled, "emb": unit, "c": c}}
         return loss, stats, grads, picked
 
     def device_step(
@@ -361,11 +394,18 @@ def make_train_step(
         buckets = bucket_groups(state.params["backbone"], running_stats(state.batch_stats))
         data = P(DATA_AXIS) if grad_accum == 1 else P(None, DATA_AXIS)
         param_specs = {"backbone": P(), "head": {"centres": P(DATA_AXIS, None)}}
+        head_spec = P(DATA_AXIS, None)
+        if via_cosines:
+            head_spec = {
+                "s": P(None, DATA_AXIS),  # [B, C]: each device's columns
+                "emb": P(DATA_AXIS, None),
+                "c": P(DATA_AXIS),
+            }
         loss, stats, loss_state, backbone, head, class_ids = jax.shard_map(
             partial(device_step, num_local=num_local, buckets=buckets),
             mesh=mesh,
             in_specs=(param_specs, P(DATA_AXIS), data, data, P(), P(), P()),
-            out_specs=(P(), P(DATA_AXIS), P(), P(), P(DATA_AXIS, None), P(DATA_AXIS)),
+            out_specs=(P(), P(DATA_AXIS), P(), P(), head_spec, P(DATA_AXIS)),
             check_vma=True,
         )(
             state.params,
@@ -376,10 +416,17 @@ def make_train_step(
             scale,
             state.loss_state,
         )
+        cosines = None
+        if via_cosines:
+            # The centres' gradient is never formed: their update reads these instead.
+            cosines, head = head, {"centres": None}
         grads = {"backbone": backbone.tree(state.params["backbone"]), "head": head}
         if policy.loss_scaling:
             grads = jax.tree.map(lambda g: g / scale, grads)
         finite = all_finite(grads)
+        if via_cosines:
+            cosines = {**cosines, "unscale": 1.0 / scale if policy.loss_scaling else 1.0}
+            finite = finite & jnp.all(jnp.isfinite(cosines["s"]))
         if rows_only:
             # The sampled rows' gradient depends on the rows themselves; without the barrier
             # XLA recomputes it inside the finite check, scheduled after the in-place update
@@ -387,7 +434,7 @@ def make_train_step(
             # classes on 8 devices). Materialised here, the update needs no copy.
             head, finite = jax.lax.optimization_barrier((grads["head"], finite))
             grads = {**grads, "head": head}
-        params, opt_state = apply_updates(state, grads, class_ids, finite)
+        params, opt_state = apply_updates(state, grads, class_ids, finite, cosines)
         metrics = {
             "loss": loss,
             # The rate this update used: the optimizer's own count, which a skipped fp16
@@ -414,11 +461,34 @@ def make_train_step(
             return new
         return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
-    def apply_updates(state, grads, class_ids, finite):
+    def centre_updater(cosines):
+        """FusedSGD's `alone` for the centres: centre_update on each device's block."""
+
+        def update(w, m, step_size, apply):
+            local = partial(
+                centre_update.update, precision=policy.matmul_precision, kernel=use_kernel
+            )
+            hyper = centre_update.hyper_vector(
+                step_size, tx.momentum, tx.weight_decay, apply, cosines["unscale"]
+            )
+            # Unchecked: pallas_call has no varying-type rule.
+            return jax.shard_map(
+                local,
+                mesh=mesh,
+                in_specs=(P(None, DATA_AXIS), P(), P(DATA_AXIS, None), P(DATA_AXIS, None))
+                + (P(DATA_AXIS), P()),
+                out_specs=(P(DATA_AXIS, None), P(DATA_AXIS, None)),
+                check_vma=False,
+            )(cosines["s"], cosines["emb"], w, m, cosines["c"], hyper)
+
+        return update
+
+    def apply_updates(state, grads, class_ids, finite, cosines=None):
         """(params, optimizer state) after the update."""
         gate = finite if policy.loss_scaling else None
         if isinstance(tx, FusedSGD):
-            return tx.apply(state.params, grads, state.opt_state, gate)
+            alone = None if cosines is None else centre_updater(cosines)
+            return tx.apply(state.params, grads, state.opt_state, gate, alone)
         if not rows_only:
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             new = (optax.apply_updates(state.params, updates), opt_state)

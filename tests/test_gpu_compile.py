@@ -360,3 +360,29 @@ def test_plan_for_several_hosts(repo, capsys, monkeypatch):
     args = ["--config", "configs/demo.py", "--devices", "4", "--target", "h200", "--hosts", "2"]
     assert plan.main(args + ["--config.batch_size=2"]) == 0
     assert "4 devices on 2 hosts (NVIDIA H200" in capsys.readouterr().out
+
+
+@needs_plugin
+@pytest.mark.slow
+def test_the_dense_head_never_writes_its_gradient_on_an_h200(repo):
+    """On a GPU the dense head's SGD step is the Pallas kernel (jaxface.heads.centre_update):
+    no kernel writes a float32 [rows, E] matrix other than the kernel's own in-place W and
+    m; with fused_head_update=false XLA writes the gradient (a GEMM of that shape)."""
+    from jaxface.config import load_config
+    from jaxface.setup import build
+
+    target = gpu_target.load_target("h200")
+    base = {"batch_size": "64", "num_classes": "1000", "precision": "bf16"}
+    written = {}
+    for fused in ("true", "false"):
+        cfg = load_config(repo / "configs/demo.py", {**base, "fused_head_update": fused})
+        run = build(cfg, gpu_target.mesh(target, 1))
+        rows, dim = run.init(0).params["head"]["centres"].shape
+        hlo = run.lower().compile().as_text()
+        stats = hlo_stats.analyse(hlo, target.peaks)
+        entry = next(c for c in hlo_stats.parse(hlo).values() if c.entry)
+        written[fused] = [
+            k.kind for k in stats.kernels if f"f32[{rows},{dim}]" in entry.by_name[k.name].shape
+        ]
+    assert written["true"] == ["pallas"]
+    assert "gemm" in written["false"] and "pallas" not in written["false"]

@@ -42,6 +42,7 @@ CHANGE = {
     "tf32": {"tf32": False},
     "sync_bn": {"sync_bn": True},
     "grad_reduce": {"grad_reduce": "bf16"},
+    "fused_head_update": {"fused_head_update": False},
     "margin_list": {"margin_list": "1.0,0.0,0.4"},
     "scale": {"scale": 16.0},
     "interclass_filtering_threshold": {"interclass_filtering_threshold": 0.2},

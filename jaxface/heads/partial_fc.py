@@ -199,11 +199,18 @@ def loss_on_device(
     num_classes: int,
     num_local: int,
     precision=jax.lax.Precision.HIGHEST,
+    cos_offset=None,
 ):
     """`partial_fc_loss_and_state`'s body on one device inside a shard_map over DATA_AXIS:
     (loss, new loss state), both equal on every device. local_emb [B_local, E], local_rows
     this device's scored rows, picked their indices in its block; `state` and `key_data` as
-    there (the loss's running state, the raw key of losses that draw, else None)."""
+    there (the loss's running state, the raw key of losses that draw, else None).
+
+    `cos_offset` ([B_global, rows] zeros, varying) is added to the cosines before they are
+    clipped, so that its gradient is the loss's gradient with respect to them
+    (jaxface.heads.centre_update); then a third value is returned: (this device's
+    normalised embeddings [B_local, E], the unclipped cosines, the rows' inverse norms and
+    squared norms), what the centres' update needs besides that gradient."""
     per_sample = isinstance(margin, PerSampleLoss)
     # [B_local, E] per device -> [B_global, E]; transposes to a reduce-scatter.
     emb = jax.lax.all_gather(local_emb.astype(jnp.float32), DATA_AXIS, tiled=True)
@@ -219,7 +226,19 @@ def loss_on_device(
     inv_norm = 1.0 / jnp.sqrt(jnp.maximum(sum_sq, 1e-24))  # as _l2_normalize
     emb_sum_sq = jnp.sum(jnp.square(emb), axis=-1, keepdims=True)
     emb_norm = jnp.sqrt(jnp.maximum(emb_sum_sq, 1e-24))  # as _l2_normalize
-    cos = jnp.dot(emb / emb_norm, rows32.T, precision=precision) * inv_norm
+    unit = emb / emb_norm
+    cos = jnp.dot(unit, rows32.T, precision=precision) * inv_norm
+    if cos_offset is not None:
+        unclipped = cos
+        cos = cos + cos_offset
+        b_local = local_emb.shape[0]
+        first_row = jax.lax.axis_index(DATA_AXIS) * b_local
+        parts = (
+            jax.lax.dynamic_slice_in_dim(unit, first_row, b_local),
+            unclipped,
+            inv_norm,
+            sum_sq,
+        )
     cos = jnp.clip(cos, -1.0, 1.0)  # [B_global, rows]
     is_target = jnp.arange(picked.shape[0])[None, :] == targets[:, None]
     extra = jnp.zeros((), jnp.float32)
@@ -254,6 +273,8 @@ def loss_on_device(
     # log p_y in the log domain: no underflow, so no 1e-30 clamp is needed (arcface_torch's
     # clamp is why its loss sticks at 69.08 when p_y underflows).
     log_prob = target - row_max - jnp.log(sum_exp)
+    if cos_offset is not None:
+        return -jnp.mean(log_prob) + extra, state, parts
     return -jnp.mean(log_prob) + extra, state
 
 
