@@ -10,7 +10,7 @@ The centres' gradient, for cos_bj = (e_b . W_j) / |W_j| with e_b the normalised 
 (`partial_fc.loss_on_device`; |W_j| clamped at 1e-12 as torch's normalize):
 
     G_j = u * (sum_b s_bj e_b + c_j W_j),   s_bj = dcos_bj / |W_j|,
-    c_j = -sum_b dcos_bj cos_bj / |W_j|**2       (0 where the clamp holds)
+    c_j = -sum_b s_bj cos_bj / |W_j|       (0 where the clamp holds)
 
 where s is the matrix autodiff forms anyway for the embeddings' gradient (s W), so it is
 written once for both, and u is 1 / the fp16 loss scale (1 otherwise). The update is
@@ -39,6 +39,7 @@ from jax.experimental.pallas import triton as plgpu
 
 BLOCK_ROWS = 64
 BLOCK_COLS = 128
+BATCH_CHUNK = 64  # rows of s and e per step of the kernel's product: shared memory bounds it
 NORM_CLAMP = 1e-24  # torch.nn.functional.normalize's eps (1e-12), squared
 
 
@@ -46,10 +47,11 @@ def row_terms(dcos, cos, inv_norm, sum_sq):
     """(s, c) of the module docstring (u = 1) for one device's rows. dcos, cos: [B, R]
     float32 (the loss's gradient with respect to the cosines, the cosines before clipping);
     inv_norm, sum_sq: [R]."""
-    r = jnp.sum(dcos * cos, axis=0)
-    c = jnp.where(sum_sq > NORM_CLAMP, -inv_norm * inv_norm * r, 0.0)
-    # As autodiff writes the cotangent of `x * inv_norm`, so that XLA forms it once.
-    return dcos * inv_norm, c
+    # s as autodiff forms the cotangent of `x * inv_norm`, so that XLA forms it once, and c
+    # read from s (-a_j sum_b s_bj cos_bj) so that one pass over s does both reductions.
+    s = dcos * inv_norm
+    c = jnp.where(sum_sq > NORM_CLAMP, -inv_norm * jnp.sum(s * cos, axis=0), 0.0)
+    return s, c
 
 
 def hyper_vector(step_size, momentum, weight_decay, apply, unscale):
@@ -68,28 +70,41 @@ def reference(s, emb, w, m, c, hyper, precision=None):
     return jnp.where(keep, w, w_next), jnp.where(keep, m, m_next)
 
 
+def _chunk(batch: int) -> int:
+    return min(batch, BATCH_CHUNK)
+
+
 def kernel_fits(s_shape, emb_shape) -> bool:
-    """True if the Pallas kernel tiles these shapes (Triton blocks are powers of two)."""
+    """True if the Pallas kernel tiles these shapes (Triton tiles are powers of two)."""
     batch, rows = s_shape
     dim = emb_shape[1]
+    chunk = _chunk(batch)
     return (
-        batch >= 16
-        and batch & (batch - 1) == 0
-        and batch <= 1024  # one [B, 64] and one [B, 128] block in shared memory
+        chunk >= 16
+        and chunk & (chunk - 1) == 0
+        and batch % chunk == 0
         and rows % BLOCK_ROWS == 0
         and dim % BLOCK_COLS == 0
     )
 
 
 def _kernel(s_ref, emb_ref, w_ref, m_ref, c_ref, hyper_ref, w_out, m_out, *, precision):
-    # [B, 64]^T x [B, 128]: this block's part of sum_b s_bj e_b, float32 accumulation.
-    prod = jax.lax.dot_general(
-        s_ref[...],
-        emb_ref[...],
-        (((0,), (0,)), ((), ())),
-        precision=precision,
-        preferred_element_type=jnp.float32,
-    )
+    # [B, 64]^T x [B, 128]: this block's part of sum_b s_bj e_b, float32 accumulation, taken
+    # 64 samples at a time (the whole global batch at once overflows shared memory).
+    chunk = _chunk(s_ref.shape[0])
+
+    def add_chunk(k, acc):
+        part = pl.ds(k * chunk, chunk)
+        return acc + jax.lax.dot_general(
+            s_ref[part, :],
+            emb_ref[part, :],
+            (((0,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+
+    zeros = jnp.zeros((BLOCK_ROWS, BLOCK_COLS), jnp.float32)
+    prod = jax.lax.fori_loop(0, s_ref.shape[0] // chunk, add_chunk, zeros)
     step_size, momentum, wd, apply, unscale = (hyper_ref[k] for k in range(5))
     w = w_ref[...]
     m = m_ref[...]
