@@ -10,8 +10,8 @@ from conftest import rel_err
 
 from jaxface.config import derive, load_config
 from jaxface.fused_sgd import FusedSGD
-from jaxface.heads import Margin
 from jaxface.heads import centre_update as cu
+from jaxface.heads.losses import loss_from_config
 from jaxface.mesh import make_mesh
 from jaxface.models import get_model
 from jaxface.optim import make_optimizer
@@ -72,9 +72,9 @@ def test_kernel_fits_only_shapes_it_tiles(batch, rows, dim, fits):
     assert cu.kernel_fits((batch, rows), (batch, dim)) is fits
 
 
-def _setup(repo, precision, devices):
+def _setup(repo, precision, devices, loss="margin"):
     values = dict(num_classes=12, num_image=4000, batch_size=8, embedding_size=16,
-                  precision=precision, warmup_epoch=0, num_devices=devices)  # fmt: skip
+                  precision=precision, warmup_epoch=0, num_devices=devices, loss=loss)  # fmt: skip
     cfg = load_config(repo / "configs/demo.py", {k: str(v) for k, v in values.items()})
     derived = derive(cfg, devices)
     mesh = make_mesh(devices)
@@ -83,24 +83,30 @@ def _setup(repo, precision, devices):
     tx, schedule = make_optimizer(cfg, derived)
     init = make_init_fn(model, tx, cfg.num_classes, derived.num_classes_padded)
     state = jax.jit(lambda s: device_state(init(s), mesh.size))(0)
-    return mesh, model, tx, schedule, state
+    return mesh, model, tx, schedule, state, loss_from_config(cfg)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("precision", "devices"), [("fp32", 1), ("fp16", 8)])
-def test_step_through_the_cosines_equals_the_centres_own_gradient(repo, precision, devices):
+@pytest.mark.parametrize(
+    ("precision", "devices", "loss"),
+    [("fp32", 1, "margin"), ("fp16", 8, "margin"), ("fp32", 8, "magface")],
+)
+def test_step_through_the_cosines_equals_the_centres_own_gradient(repo, precision, devices, loss):
     """The step that updates the centres from the cosines' gradient (FusedSGD) against the
     one that differentiates the centres (the same optax chain, unfused), from the same state
     on the same batches: after one step every parameter and momentum slot alike to rounding
     (the centres 1.5e-7 relative seen); fp16's second step overflows (scale 2**40) and
     leaves everything as it was in both; the losses stay alike (later steps part slowly:
-    lr 0.1 amplifies a rounding difference about tenfold a step)."""
+    lr 0.1 amplifies a rounding difference about tenfold a step). MagFace: a per-sample
+    loss whose margin and regulariser depend on the embedding's norm."""
     from jaxface.data import SyntheticFaces
 
-    mesh, model, tx, schedule, state = _setup(repo, precision, devices)
+    mesh, model, tx, schedule, state, head = _setup(repo, precision, devices, loss)
     assert isinstance(tx, FusedSGD)
-    fused = jax.jit(make_train_step(model, tx, schedule, Margin(), 12, mesh))
-    chain = jax.jit(make_train_step(model, tx.chain, schedule, Margin(), 12, mesh))
+    if loss != "margin":
+        state = state.replace(loss_state=head.init_state())
+    fused = jax.jit(make_train_step(model, tx, schedule, head, 12, mesh))
+    chain = jax.jit(make_train_step(model, tx.chain, schedule, head, 12, mesh))
     faces = SyntheticFaces(12, seed=0)
     a, b = state, state
     for i in range(3):
@@ -131,6 +137,6 @@ def test_step_through_the_cosines_equals_the_centres_own_gradient(repo, precisio
                     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=str(path))
                 else:
                     # fp16's trunk rounds its gradients to 11 bits: a last-bit difference
-                    # upstream moves a leaf by ~1e-3 of its norm (near-zero ones: absolute).
+                    # upstream moves a leaf by up to ~5e-3 of its norm (small ones: absolute).
                     close = np.allclose(x, y, rtol=1e-2, atol=1e-5)
-                    assert close or rel_err(x, y) < 3e-3, (path, rel_err(x, y))
+                    assert close or rel_err(x, y) < 1e-2, (path, rel_err(x, y))
