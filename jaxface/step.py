@@ -207,8 +207,10 @@ def make_train_step(
     model = model.clone(bn_groups=_local_bn_groups(model.bn_groups, num_devices))
     # The dense head's centres updated from the cosines' gradient (centre_update).
     via_cosines = isinstance(tx, FusedSGD) and num_sample is None and grad_accum == 1
-    on_gpu = mesh.devices.flat[0].platform in ("gpu", "cuda")
-    use_kernel = head_kernel and on_gpu
+    # The kernel is Triton's: NVIDIA GPUs (the CUDA plugin's devices, compile-only included).
+    device = mesh.devices.flat[0]
+    on_nvidia = device.platform in ("gpu", "cuda") and device.device_kind.startswith("NVIDIA")
+    use_kernel = head_kernel and on_nvidia
 
     def bucket_groups(backbone, batch_stats):
         """The backbone's leaves in all-reduce buckets: one on one device (nothing to
