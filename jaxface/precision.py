@@ -2,7 +2,9 @@
 
 Parameters and optimizer state are float32 under every policy. The convolutional trunk
 computes in `compute_dtype`; the fc layer, the last BatchNorm, the logits and the softmax
-stay float32, as arcface_torch does under fp16 autocast.
+stay float32, as arcface_torch's fc and BatchNorm under fp16 autocast (its head's cosine
+product runs in fp16 there, converted to float32 before the softmax; here it has TF32
+inputs, fp16's 10 mantissa bits, and float32 results).
 
 `tf32` chooses the precision of float32 matrix products and convolutions (the trunk under
 fp32, and the head's cosine matmul under every policy): TF32 tensor cores when true, full
