@@ -35,8 +35,9 @@ def get_config() -> dict:
         # Gradients summed across devices in: fp32 (as DDP's default) | bf16 (half the bytes
         # on the wire, for runs whose network is the bottleneck; docs/multi-gpu.md).
         grad_reduce="fp32",
-        # On GPUs, SGD on a dense head (sample_rate 1) updates the class centres in one
-        # Pallas kernel that never writes their gradient; false: XLA's ops (docs/gpu.md).
+        # SGD on a dense head (sample_rate 1): the centres updated from the cosines'
+        # gradient, on NVIDIA GPUs in one Pallas kernel that never writes theirs; false: the
+        # centres differentiated (XLA writes their gradient). docs/gpu.md
         fused_head_update=True,
         # Margin softmax: target logit = cos(m1 * theta + m2) - m3, then times `scale`.
         margin_list=(1.0, 0.5, 0.0),  # ArcFace; (1.0, 0.0, 0.4) is CosFace

@@ -60,6 +60,7 @@ class Run:
     step_shardings: TrainState
     train_step: Callable  # jitted, state donated: (state, images, labels) -> (state, metrics)
     embed: Callable  # jitted: (backbone params, batch_stats, uint8 images) -> embeddings
+    head_kernel: bool = False  # the step holds centre_update's Pallas kernel (NVIDIA GPUs)
 
     @property
     def data_sharding(self) -> NamedSharding:
@@ -182,7 +183,7 @@ def build(cfg: Config, mesh: Mesh, *, freeze_bn: bool = False) -> Run:
         grad_accum=cfg.gradient_acc,
         freeze_bn=freeze_bn,
         reduce_dtype={"fp32": jnp.float32, "bf16": jnp.bfloat16}[cfg.grad_reduce],
-        head_kernel=cfg.fused_head_update,
+        fused_head=cfg.fused_head_update,
     )
     return Run(
         cfg=cfg,
@@ -205,4 +206,5 @@ def build(cfg: Config, mesh: Mesh, *, freeze_bn: bool = False) -> Run:
             compiler_options=step_compiler_options(mesh),
         ),
         embed=jax.jit(make_embed_fn(model)),
+        head_kernel=step.uses_head_kernel,
     )

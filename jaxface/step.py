@@ -176,7 +176,7 @@ def make_train_step(
     freeze_bn: bool = False,
     reduce_dtype=jnp.float32,
     bucket_bytes: int = BUCKET_BYTES,
-    head_kernel: bool = True,
+    fused_head: bool = True,
 ):
     """(state, uint8 images, int32 labels) -> (state, metrics).
 
@@ -193,11 +193,12 @@ def make_train_step(
     class centres' gradients stay on their device. The state is in the step's layout
     (`device_state`: kernels OHWI, statistics per device). With `SampledSGD` the step
     differentiates with respect to the sampled rows only, then updates the whole matrix
-    elementwise in place: no dense [C, E] gradient. With `FusedSGD` and the whole block
-    scored (no sampling, no accumulation) the step differentiates with respect to the
-    cosines and `jaxface.heads.centre_update` updates the centres from them (on GPUs in one
-    kernel, if `head_kernel`): no dense [C, E] gradient either. Otherwise the gradient flows
-    through the gather to the whole block.
+    elementwise in place: no dense [C, E] gradient. With `FusedSGD`, the whole block scored
+    (no sampling, no accumulation) and `fused_head`, the step differentiates with respect
+    to the cosines and `jaxface.heads.centre_update` updates the centres from them (on
+    NVIDIA GPUs in one kernel): no dense [C, E] gradient either. Otherwise the gradient
+    flows through the gather to the whole block. The returned function's
+    `uses_head_kernel` says whether the kernel is in it.
     """
     policy = model.policy
     rows_only = isinstance(tx, SampledSGD)
@@ -206,11 +207,9 @@ def make_train_step(
     num_devices = mesh.shape[DATA_AXIS]
     model = model.clone(bn_groups=_local_bn_groups(model.bn_groups, num_devices))
     # The dense head's centres updated from the cosines' gradient (centre_update).
-    via_cosines = isinstance(tx, FusedSGD) and num_sample is None and grad_accum == 1
-    # The kernel is Triton's: NVIDIA GPUs (the CUDA plugin's devices, compile-only included).
-    device = mesh.devices.flat[0]
-    on_nvidia = device.platform in ("gpu", "cuda") and device.device_kind.startswith("NVIDIA")
-    use_kernel = head_kernel and on_nvidia
+    dense_sgd = isinstance(tx, FusedSGD) and num_sample is None and grad_accum == 1
+    via_cosines = fused_head and dense_sgd
+    use_kernel = via_cosines and head_kernel_available(mesh)
 
     def bucket_groups(backbone, batch_stats):
         """The backbone's leaves in all-reduce buckets: one on one device (nothing to
@@ -518,7 +517,15 @@ def make_train_step(
         params = {"backbone": backbone, "head": {"centres": centres}}
         return params, {"backbone": backbone_opt, "head": head_opt}
 
+    train_step.uses_head_kernel = use_kernel
     return train_step
+
+
+def head_kernel_available(mesh) -> bool:
+    """True where centre_update's Pallas kernel runs: NVIDIA GPUs (it is Triton's), the CUDA
+    plugin's compile-only devices included."""
+    device = mesh.devices.flat[0]
+    return device.platform in ("gpu", "cuda") and device.device_kind.startswith("NVIDIA")
 
 
 def make_embed_fn(model: IResNet):

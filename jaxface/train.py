@@ -150,7 +150,10 @@ def train(cfg) -> dict:
         step = saved = start_step
         stop = cleanup.enter_context(StopRequest(cfg.signal_timeout, progress.message))
         for step, (images, labels) in enumerate(feed, start=start_step + 1):
-            state, metrics = run.train_step(state, images, labels)
+            if step == start_step + 1:
+                run, (state, metrics) = _first_step(run, state, images, labels, progress.message)
+            else:
+                state, metrics = run.train_step(state, images, labels)
             pending.append(metrics)
             if step == start_step + 1:
                 jax.block_until_ready(metrics)
@@ -193,6 +196,32 @@ def train(cfg) -> dict:
             f.write(json.dumps({"event": "summary", **summary}) + "\n")
     progress.message(_summary_line(summary, start_step, derived.run_steps, out))
     return {**summary, "state": run.to_saved(state), "history": history, "val_records": val_records}
+
+
+# What XLA or Pallas say when the Triton kernel cannot be built for this GPU (its shared
+# memory, an unsupported operation, Triton itself), as opposed to the step's other failures.
+_KERNEL_FAILURE = ("triton", "pallas", "shared memory", "centre_sgd_update")
+
+
+def _first_step(run: Run, state, images, labels, say):
+    """(run, (state, metrics)) of the first step, which compiles the program. If the dense
+    head's Pallas kernel does not compile on this GPU, the step without it (the centres
+    differentiated, as with fused_head_update=false) takes over, said in one line: the
+    state is the same, and a failed compile donates nothing."""
+    try:
+        return run, run.train_step(state, images, labels)
+    except Exception as error:  # noqa: BLE001 - only the kernel's failures are caught
+        why = str(error).strip()
+        if not run.head_kernel or not any(k in why.lower() for k in _KERNEL_FAILURE):
+            raise
+    kind = run.mesh.devices.flat[0].device_kind
+    say(
+        f"the fused centre update (a Pallas kernel) does not compile on {kind}: "
+        f"{why.splitlines()[0][:200]}; going on with fused_head_update=false (XLA writes "
+        "the centres' gradient each step; set it in the config to skip this attempt)"
+    )
+    run = build(run.cfg.replace(fused_head_update=False), run.mesh)
+    return run, run.train_step(state, images, labels)
 
 
 def _export(out: Path, backbone, network: str, step: int, checkpointer: Checkpointer) -> None:
