@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxface.config import Config, Derived
-from jaxface.fused_sgd import FusedSGD
+from jaxface.fused_sgd import FusedSGD, concat_order
 from jaxface.heads.sampled_sgd import SampledSGD
 
 # Leaves of at least this many elements (the class centres, 316 M at 617,970 classes) are
@@ -41,12 +41,12 @@ def lr_schedule(base_lr: float, warmup_steps: int, total_steps: int, power: floa
 
 def flat_views(tree, large: int = LARGE_LEAF) -> list[jnp.ndarray]:
     """The leaves of `tree` as few float32 vectors: every leaf under `large` elements raveled
-    into one, each larger leaf on its own.
+    into one (in `concat_order`, as FusedSGD concatenates them), each larger leaf on its own.
 
     Reduced (a norm, a finite check), the concatenated leaves cost a few kernels in all
     instead of two or three each: hundreds of small launches fewer on a GPU."""
     leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
-    small = [x for x in leaves if x.size < large]
+    small = [leaves[i] for i in concat_order([x.size for x in leaves]) if leaves[i].size < large]
     views = [x for x in leaves if x.size >= large]
     return ([jnp.concatenate(small)] if small else []) + views
 

@@ -13,7 +13,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxface.fused_sgd import FusedSGD
+from jaxface.fused_sgd import FusedSGD, concat_order
 from jaxface.grad_buckets import BUCKET_BYTES, backward_buckets, flatten, forward_order
 from jaxface.heads import Margin, PerSampleLoss, centre_update, init_class_centres
 from jaxface.heads.partial_fc import loss_on_device, sample_on_device
@@ -213,10 +213,11 @@ def make_train_step(
 
     def bucket_groups(backbone, batch_stats):
         """The backbone's leaves in all-reduce buckets: one on one device (nothing to
-        overlap; tree order, as the fused optimizer groups them)."""
+        overlap; in `concat_order`, as the fused optimizer concatenates them, so that XLA
+        folds the bucket's split and the optimizer's concatenation away)."""
         sizes = [x.size for x in jax.tree.leaves(backbone)]
         if num_devices == 1:
-            return [list(range(len(sizes)))]
+            return [concat_order(sizes)]
         image = jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
         order = forward_order(
             lambda p, stats, x: model.apply({"params": model_params(p), "batch_stats": stats}, x),

@@ -386,3 +386,38 @@ def test_the_dense_head_never_writes_its_gradient_on_an_h200(repo):
         ]
     assert written["true"] == ["pallas"]
     assert "gemm" in written["false"] and "pallas" not in written["false"]
+
+
+@needs_plugin
+def test_the_fused_update_writes_each_concatenation_once_on_an_h200():
+    """FusedSGD concatenates its leaves smallest first (jaxface.fused_sgd.concat_order):
+    XLA:GPU nests a concatenation of more than 128 operands and writes the first 128 out
+    once more, which in tree order were most of the bytes. 100 big leaves alternating with
+    small ones in tree order, 40 more small ones after them: the concatenation fusions write
+    the three vectors (parameters, gradients, momentum) and under 1 % more (in tree order,
+    +64 %)."""
+    import numpy as np
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxface.fused_sgd import FusedSGD
+
+    sizes = [65536 if i % 2 and i < 200 else 64 for i in range(240)]
+    params = {f"p{i:03d}": jax.ShapeDtypeStruct((n,), np.float32) for i, n in enumerate(sizes)}
+    schedule = optax.constant_schedule(0.1)
+    chain = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9))
+    tx = FusedSGD(chain, schedule, 0.9, 5e-4, large=1 << 26)
+    state = jax.eval_shape(tx.init, params)
+    mesh = gpu_target.mesh(gpu_target.load_target("h200"), 1)
+    replicated = NamedSharding(mesh, P())
+    hlo = (
+        jax.jit(tx.apply, in_shardings=replicated, out_shardings=replicated)
+        .lower(params, params, state)
+        .compile()
+        .as_text()
+    )
+    stats = hlo_stats.analyse(hlo)
+    concatenated = sum(k.written * k.times for k in stats.kernels if "concatenate" in k.name)
+    assert concatenated >= 3 * 4 * sum(sizes)  # every vector written
+    assert concatenated < 3.03 * 4 * sum(sizes)

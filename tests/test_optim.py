@@ -7,8 +7,15 @@ import optax
 import pytest
 
 from jaxface.config import derive, load_config
-from jaxface.fused_sgd import FusedSGD
-from jaxface.optim import LARGE_LEAF, all_finite, global_norm, lr_schedule, make_optimizer
+from jaxface.fused_sgd import FusedSGD, _groups, concat_order
+from jaxface.optim import (
+    LARGE_LEAF,
+    all_finite,
+    flat_views,
+    global_norm,
+    lr_schedule,
+    make_optimizer,
+)
 
 
 def test_schedule_warmup_then_poly_decay():
@@ -182,3 +189,14 @@ def test_fused_sgd_backbone_when_sampling(repo):
     want = optax.apply_updates(params, updates)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_small_leaves_are_concatenated_smallest_first():
+    """The flat view and FusedSGD's groups put the small leaves in one order, smallest first
+    and ties in tree order (jaxface.fused_sgd.concat_order: XLA:GPU writes a concatenation's
+    first 128 operands twice)."""
+    tree = {"a": jnp.arange(6.0), "b": jnp.arange(2.0) + 10, "c": jnp.arange(2.0) + 20}
+    assert concat_order([6, 2, 2]) == [1, 2, 0]
+    np.testing.assert_array_equal(flat_views(tree)[0], [10, 11, 20, 21, 0, 1, 2, 3, 4, 5])
+    leaves = jax.tree.leaves(tree)
+    assert _groups(leaves, [True, True, False], large=100) == [([1, 0], True), ([2], False)]
