@@ -1,12 +1,14 @@
-"""SGD with weight decay and momentum as one pass over a flat view of the parameters.
+"""SGD with weight decay and momentum in a few kernels over many leaves.
 
-optax updates parameter by parameter: r50 has 161 leaves, and XLA:GPU compiles each leaf's
-update into its own kernel, plus a transpose and a copy for every convolution kernel (cuDNN
-returns its gradient as OHWI, the parameter is HWIO, so the update cannot happen in place).
-Fused optimizers (apex's FusedSGD, torch.optim.SGD(foreach=True)) launch one kernel over many
-tensors instead. Here the leaves are concatenated into one float32 vector, updated, and
-split back; XLA:GPU compiles the split into a few multi-output slice kernels that also do the
-transposes. r50's step compiled for an H200 went from 1,186 kernels to 947 (docs/gpu.md).
+optax updates parameter by parameter: r50 has 237 leaves, and XLA:GPU compiled each leaf's
+update into its own kernel, plus a transpose and a copy for every convolution kernel held
+HWIO. Fused optimizers (apex's FusedSGD, torch.optim.SGD(foreach=True)) launch one kernel
+over many tensors instead. Here the gradients are concatenated into one float32 vector,
+which the global norm, the finite check and the clipping read in one pass each, and every
+leaf's update reads its slice of it: XLA:GPU fuses the leaves' updates into a few
+multi-output kernels that write the parameters and momentum in place. (The parameters and
+momentum were concatenated too, updated as vectors and split back: 0.35 GB more written per
+step for r50 on one H200, for two kernels fewer; docs/gpu.md.)
 
 The maths and its order are the optax chain's that `chain` holds (torch.optim.SGD's order):
 
@@ -82,40 +84,45 @@ class FusedSGD:
 
         views = []
         for idx, clip in groups:
-            pgm = (_view(p, idx), _view(g, idx), _view(m, idx))
+            gv = _view(g, idx)
             if len(idx) > 1:
-                # Each concatenation written once: without the barrier XLA folds the
-                # gradients' concatenation into every kernel of the split (dozens of operands
-                # each), which took the GPU compile of r50's step from 37 s to 132 s.
-                pgm = jax.lax.optimization_barrier(pgm)
-            views.append((*pgm, clip))
+                # Written once: without the barrier XLA folds the concatenation into every
+                # kernel that reads a slice of it (dozens of operands each), which took the
+                # GPU compile of r50's step from 37 s to 132 s.
+                gv = jax.lax.optimization_barrier(gv)
+            views.append((gv, clip))
         if self.clip_norm > 0:
             # As clip_by_global_norm over flat_views: the same vectors summed in the same order.
-            norm = jnp.sqrt(sum(jnp.sum(jnp.square(gv)) for _, gv, _, clip in views if clip))
+            norm = jnp.sqrt(sum(jnp.sum(jnp.square(gv)) for gv, clip in views if clip))
             trigger = norm < self.clip_norm
 
             def clip_fn(t):
                 return jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * self.clip_norm)
 
-            views = [(pv, clip_fn(gv) if c else gv, mv, c) for pv, gv, mv, c in views]
+            views = [(clip_fn(gv) if c else gv, c) for gv, c in views]
 
-        for (idx, _), (pv, gv, mv, _) in zip(groups, views, strict=True):
-            d = gv + self.weight_decay * pv
-            mv_next = d + self.momentum * mv
-            pv_next = pv + step_size * mv_next
-            if finite is not None:
-                mv_next = jnp.where(finite, mv_next, mv)
-                pv_next = jnp.where(finite, pv_next, pv)
-            for i, x in zip(idx, _unview(pv_next, [p[i] for i in idx]), strict=True):
-                new_p[i] = x
-            for i, x in zip(idx, _unview(mv_next, [m[i] for i in idx]), strict=True):
-                new_m[i] = x
+        # Each leaf updated from its slice of the flat gradient, the parameters and momentum
+        # never concatenated: XLA:GPU fuses the leaves' updates into a few multi-output
+        # kernels that write them in place.
+        for (idx, _), (gv, _) in zip(groups, views, strict=True):
+            for i, gi in zip(idx, _unview(gv, [p[i] for i in idx]), strict=True):
+                new_p[i], new_m[i] = self._leaf_update(p[i], gi, m[i], step_size, finite)
 
         new_count = optax.safe_increment(count)
         if finite is not None:
             new_count = jnp.where(finite, new_count, count)
         new_state = otu.tree_set(state, trace=treedef.unflatten(new_m), count=new_count)
         return treedef.unflatten(new_p), new_state
+
+    def _leaf_update(self, p, g, m, step_size, finite):
+        """(new p, new m) of one leaf, in float32, in the chain's order."""
+        p32, m32 = p.astype(jnp.float32), m.astype(jnp.float32)
+        m_next = (g.astype(jnp.float32) + self.weight_decay * p32) + self.momentum * m32
+        p_next = p32 + step_size * m_next
+        if finite is not None:
+            m_next = jnp.where(finite, m_next, m32)
+            p_next = jnp.where(finite, p_next, p32)
+        return p_next.astype(p.dtype), m_next.astype(m.dtype)
 
 
 def concat_order(sizes) -> list[int]:
@@ -124,7 +131,7 @@ def concat_order(sizes) -> list[int]:
 
     XLA:GPU fuses at most 128 operands into one concatenation and nests a longer one, writing
     the first 128 operands' concatenation out before the rest is added. In tree order those
-    were 79 MB of r50's 174 MB (238 leaves), written a second time for each of the gradients,
+    were 79 MB of r50's 174 MB (237 leaves), written a second time for each of the gradients,
     parameters and momentum; smallest first, they are r50's BatchNorm and PReLU vectors (under
     a megabyte): 0.24 GB less written per step on one H200 (docs/gpu.md)."""
     return sorted(range(len(sizes)), key=lambda i: (sizes[i], i))

@@ -182,7 +182,9 @@ def test_sampled_sgd_equals_the_dense_update(repo):
     for a, b in zip(
         jax.tree.leaves(dense_state.params), jax.tree.leaves(state.params), strict=True
     ):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-8)  # leaves near 0: float noise
+        # Leaves near 0: float noise (XLA fuses and orders the two steps' float32 reductions
+        # differently; up to 5e-8 after three steps).
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
     # Weight decay reached rows no step sampled: every real row moved.
     centres = jax.device_get(state.params["head"]["centres"])
     assert (np.abs(centres - start)[:200].max(axis=1) > 0).all()
