@@ -425,3 +425,33 @@ def test_the_fused_update_writes_each_vector_once_on_an_h200():
     assert leaf_bytes <= concatenated < 1.01 * leaf_bytes
     assert 3 * leaf_bytes <= written < 3.03 * leaf_bytes
     assert stats.by_kind().get("copy", 0) == 0  # in place
+
+
+@needs_plugin
+@pytest.mark.slow
+def test_gradient_buckets_are_not_combined_on_h200s(repo):
+    """jaxface.setup.GPU_STEP_OPTIONS turns XLA's all-reduce combiner off: the buckets are
+    already the units to sum (combined, r50's bf16 buckets waited for each other in pairs).
+    The demo backbone's bf16 gradients in 1 KB buckets: one all-reduce per bucket, where the
+    combiner leaves one in all."""
+    import jax.numpy as jnp
+
+    from jaxface import collectives
+    from jaxface.config import load_config
+    from jaxface.setup import build, step_compiler_options
+    from jaxface.step import make_train_step
+
+    target = gpu_target.load_target("h200")
+    cfg = load_config(repo / "configs/demo.py", {"batch_size": "8", "num_classes": "1000"})
+    run = build(cfg, gpu_target.mesh(target, 8))
+    step = make_train_step(run.model, run.tx, run.schedule, run.margin, cfg.num_classes,
+                           run.mesh, reduce_dtype=jnp.bfloat16, bucket_bytes=1 << 10)  # fmt: skip
+    options = step_compiler_options(run.mesh)
+    combined = {k: v for k, v in options.items() if "combine" not in k}
+    counts = []
+    for opts in (options, combined):
+        jitted = jax.jit(step, donate_argnums=0, compiler_options=opts)
+        hlo = jitted.lower(run.step_abstract_state, *run.abstract_batch()).compile().as_text()
+        found, _ = collectives.analyse(hlo, target.peaks, 8)
+        counts.append(sum(c.kind == "all-reduce" and c.shape.startswith("bf16") for c in found))
+    assert counts[0] > 10 and counts[1] <= 2, counts  # 17 and 1 when written
