@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxface.models.layers import BatchNorm, PReLU
+from jaxface.models.layers import BatchNorm, PReLU, strided_pointwise_conv
 from jaxface.models.names import BACKBONES, IMAGE_SIZE
 from jaxface.precision import Policy
 
@@ -61,13 +61,18 @@ class IBasicBlock(nn.Module):
         )
         out = bn(name="bn1")(x, train)
         out = conv((3, 3), padding=((1, 1), (1, 1)), name="conv1")(out)
-        out = bn(name="bn2")(out, train)
-        out = PReLU(dtype=dtype, name="prelu")(out)
+        out = PReLU(dtype=dtype, name="prelu")(out, bn(name="bn2"), train)
         out = conv((3, 3), strides=self.stride, padding=((1, 1), (1, 1)), name="conv2")(out)
         out = bn(name="bn3")(out, train)
         identity = x
         if self.downsample:
-            identity = conv((1, 1), strides=self.stride, padding="VALID", name="downsample_0")(x)
+            identity = conv(
+                (1, 1),
+                strides=self.stride,
+                padding="VALID",
+                conv_general_dilated=strided_pointwise_conv,
+                name="downsample_0",
+            )(x)
             identity = bn(name="downsample_1")(identity, train)
         return out + identity
 
