@@ -23,7 +23,7 @@ from jaxface.heads.sampled_sgd import SampledSGD
 # the concatenation would cost a pass over them. Every backbone leaf (r50's largest, the fc
 # kernel, has 12.8 M) goes into the one concatenated vector: one written copy of the
 # gradients (174 MB for r50) instead of two or three reduction kernels per leaf.
-LARGE_LEAF = 1 << 26
+LARGE_LEAF = 1 << 23
 
 
 def lr_schedule(base_lr: float, warmup_steps: int, total_steps: int, power: float = 1.0):

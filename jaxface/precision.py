@@ -4,7 +4,11 @@ Parameters and optimizer state are float32 under every policy. The convolutional
 computes in `compute_dtype`; the fc layer, the last BatchNorm, the logits and the softmax
 stay float32, as arcface_torch's fc and BatchNorm under fp16 autocast (its head's cosine
 product runs in fp16 there, converted to float32 before the softmax; here it has TF32
-inputs, fp16's 10 mantissa bits, and float32 results).
+inputs, fp16's 10 mantissa bits, and float32 results). The softmax's gradient with respect
+to the cosines is stored in bfloat16 under bf16 by the dense head's fused update
+(`cosine_grad_dtype`), as arcface_torch's autocast stores its logits' gradient in fp16: its
+[batch, classes] matrix is the head's largest write after the centres (0.32 GB per step in
+float32 for r50 at 617,970 classes on one GPU).
 
 `tf32` chooses the precision of float32 matrix products and convolutions (the trunk under
 fp32, and the head's cosine matmul under every policy): TF32 tensor cores when true, full
@@ -42,6 +46,21 @@ class Policy:
     def matmul_precision(self) -> jax.lax.Precision:
         """For float32 products: TF32 (DEFAULT lets XLA use it) or full float32."""
         return jax.lax.Precision.DEFAULT if self.tf32 else jax.lax.Precision.HIGHEST
+
+    @property
+    def cosine_grad_dtype(self) -> Any:
+        """What the loss's gradient with respect to the head's cosines (divided by the
+        centres' norms) is stored in between the softmax and the two products that read it
+        (the embeddings' and the centres' gradients) when the dense head's update is fused
+        (jaxface.heads.centre_update; other heads keep it float32): bfloat16 under bf16 with
+        TF32 products,
+        whose inputs keep 10 mantissa bits of it where bfloat16 keeps 7 (arcface_torch's
+        fp16 autocast keeps its logits' gradient in fp16); float32 otherwise. Not float16
+        under fp16: divided by the norms (about 0.23 at initialisation) and loss-scaled, it
+        would overflow float16 where arcface_torch's does not."""
+        if self.compute_dtype == jnp.bfloat16 and self.tf32:
+            return jnp.bfloat16
+        return jnp.float32
 
     @property
     def loss_scaling(self) -> bool:

@@ -20,7 +20,7 @@ from jaxface.heads.partial_fc import loss_on_device, sample_on_device
 from jaxface.heads.sampled_sgd import SampledSGD
 from jaxface.mesh import DATA_AXIS, class_sharding, replicated
 from jaxface.models import IMAGE_SIZE, IResNet, normalize_images
-from jaxface.optim import all_finite, global_norm
+from jaxface.optim import LARGE_LEAF, all_finite, global_norm
 from jaxface.precision import LossScale
 
 
@@ -217,7 +217,8 @@ def make_train_step(
         folds the bucket's split and the optimizer's concatenation away)."""
         sizes = [x.size for x in jax.tree.leaves(backbone)]
         if num_devices == 1:
-            return [concat_order(sizes)]
+            large = [[i] for i, n in enumerate(sizes) if n >= LARGE_LEAF]
+            return [[i for i in concat_order(sizes) if sizes[i] < LARGE_LEAF]] + large
         image = jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
         order = forward_order(
             lambda p, stats, x: model.apply({"params": model_params(p), "batch_stats": stats}, x),
@@ -260,6 +261,9 @@ def make_train_step(
             num_local=num_local,
             precision=policy.matmul_precision,
             cos_offset=offset,
+            # Rounded where the fused update reads it (its float32 copy is then never
+            # written); elsewhere XLA kept both copies (+76 bytes per class sampled at 0.1).
+            grad_dtype=jnp.float32 if offset is None else policy.cosine_grad_dtype,
         )
         loss, loss_state, parts = out if offset is not None else (*out, None)
         # fp16: the backward pass runs on the scaled loss so that small gradients survive.
@@ -321,8 +325,11 @@ def make_train_step(
         if via_cosines:
             unit, unclipped, inv_norm, sum_sq = parts
             dcos = grads["head"]["cos_offset"]
-            scaled, c = centre_update.row_terms(dcos, unclipped, inv_norm, sum_sq)
-            grads = {**grads, "head": {"s": scaled, "emb": unit, "c": c}}
+            scaled, c, finite = centre_update.row_terms(
+                dcos, unclipped, inv_norm, sum_sq, policy.cosine_grad_dtype
+            )
+            head = {"s": scaled, "emb": unit, "c": c, "finite": finite[None]}
+            grads = {**grads, "head": head}
         return loss, stats, grads, picked
 
     def device_step(
@@ -402,6 +409,7 @@ def make_train_step(
                 "s": P(None, DATA_AXIS),  # [B, C]: each device's columns
                 "emb": P(DATA_AXIS, None),
                 "c": P(DATA_AXIS),
+                "finite": P(DATA_AXIS),  # [D]: each device's s
             }
         loss, stats, loss_state, backbone, head, class_ids = jax.shard_map(
             partial(device_step, num_local=num_local, buckets=buckets),
@@ -428,7 +436,7 @@ def make_train_step(
         finite = all_finite(grads)
         if via_cosines:
             cosines = {**cosines, "unscale": 1.0 / scale if policy.loss_scaling else 1.0}
-            finite = finite & jnp.all(jnp.isfinite(cosines["s"]))
+            finite = finite & jnp.all(cosines["finite"])
         if rows_only:
             # The sampled rows' gradient depends on the rows themselves; without the barrier
             # XLA recomputes it inside the finite check, scheduled after the in-place update

@@ -68,7 +68,9 @@ def small_val_bin(tmp_path) -> Path:
     return path
 
 
-def head_loss(emb, labels, centres, *, margin, num_classes, mesh, num_sample=None, key=None):
+def head_loss(
+    emb, labels, centres, *, margin, num_classes, mesh, num_sample=None, key=None, **kwargs
+):
     """The class-sharded head as the train step runs it: pick rows, gather them, score."""
     num_local = centres.shape[0] // mesh.size
     ids = sample_class_ids(
@@ -84,6 +86,7 @@ def head_loss(emb, labels, centres, *, margin, num_classes, mesh, num_sample=Non
         num_classes=num_classes,
         num_local=num_local,
         mesh=mesh,
+        **kwargs,
     )
 
 

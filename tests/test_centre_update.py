@@ -180,3 +180,36 @@ def test_a_kernel_that_does_not_compile_gives_way_to_the_plain_step(
     assert len(lines) == 1 and "fused_head_update=false" in lines[0], said
     assert "Shared memory size limit exceeded" in lines[0]
     assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
+
+
+def test_row_terms_round_s_and_say_whether_it_is_finite():
+    """s in the asked dtype, c from that s (-a_j sum_b s_bj cos_bj), and `finite`
+    false for an inf or a NaN anywhere in the cosines' gradient (fp16 overflow), read from
+    the column sums c is made of."""
+    rng = np.random.default_rng(0)
+    dcos = rng.normal(size=(8, 64)).astype(np.float32)
+    cos = rng.uniform(-1, 1, size=(8, 64)).astype(np.float32)
+    sum_sq = rng.uniform(0.5, 2.0, size=64).astype(np.float32)
+    inv_norm = 1 / np.sqrt(sum_sq)
+    s, c, finite = cu.row_terms(dcos, cos, inv_norm, sum_sq, jnp.bfloat16)
+    assert s.dtype == jnp.bfloat16 and bool(finite)
+    np.testing.assert_array_equal(s, (dcos * inv_norm).astype(jnp.bfloat16))
+    stored = np.asarray(s, np.float32)
+    np.testing.assert_allclose(c, -inv_norm * np.sum(stored * cos, axis=0), rtol=1e-5)
+    for bad in (np.inf, -np.inf, np.nan):
+        broken = dcos.copy()
+        broken[3, 17] = bad
+        assert not bool(cu.row_terms(broken, cos, inv_norm, sum_sq)[2])
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "tf32", "want"),
+    [
+        ("bf16", jnp.bfloat16, True, jnp.bfloat16),
+        ("bf16", jnp.bfloat16, False, jnp.float32),  # full float32 products asked for
+        ("fp16", jnp.float16, True, jnp.float32),  # divided by the norms it overflows fp16
+        ("fp32", jnp.float32, True, jnp.float32),
+    ],
+)
+def test_the_cosines_gradient_is_stored_in_bfloat16_only_under_bf16(name, dtype, tf32, want):
+    assert Policy(name, dtype, tf32=tf32).cosine_grad_dtype == want

@@ -455,3 +455,21 @@ def test_gradient_buckets_are_not_combined_on_h200s(repo):
         found, _ = collectives.analyse(hlo, target.peaks, 8)
         counts.append(sum(c.kind == "all-reduce" and c.shape.startswith("bf16") for c in found))
     assert counts[0] > 10 and counts[1] <= 2, counts  # 17 and 1 when written
+
+
+@needs_plugin
+@pytest.mark.slow
+def test_r50_writes_at_most_11_gb_a_step_on_one_h200(repo):
+    """The multi-GPU issue's one-device goal, counted as docs/gpu.md counts it: r50 bf16,
+    128 per GPU, 617,970 classes, one H200: at most 11 GB written per step (10.96). Each of
+    the changes that reached it moved with XLA's fusion choices while it was being written
+    (the BatchNorm + PReLU recompute from -0.26 to +0.32 GB): this keeps them in place."""
+    from jaxface.config import load_config
+    from jaxface.setup import build
+
+    target = gpu_target.load_target("h200")
+    cfg = load_config(repo / "configs/r50.py", {"batch_size": "128", "precision": "bf16"})
+    run = build(cfg, gpu_target.mesh(target, 1))
+    stats = hlo_stats.analyse(run.lower().compile().as_text(), target.peaks)
+    assert sum(k.written * k.times for k in stats.kernels) <= 11e9
+    assert stats.by_kind().get("transpose", 0) == 0

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import head_loss
+from conftest import head_loss, rel_err
 
 from jaxface.heads import Margin, init_class_centres
 from jaxface.heads.losses import ElasticFace
@@ -95,6 +95,32 @@ def test_one_device_equals_eight():
     np.testing.assert_allclose(one[0], eight[0], rtol=1e-6)
     assert_close(one[1], eight[1])
     assert_close(one[2], eight[2])
+
+
+def _grads(emb, labels, centres, mesh, **kwargs):
+    fn = jax.value_and_grad(
+        lambda e, w: head_loss(
+            e, labels, w, margin=MARGINS["arcface"], num_classes=21, mesh=mesh, **kwargs
+        ),
+        argnums=(0, 1),
+    )
+    loss, grads = jax.jit(fn)(emb, centres)
+    return float(loss), [np.asarray(g) for g in grads]
+
+
+def test_the_cosines_gradient_in_bfloat16_rounds_only_it():
+    """grad_dtype=bfloat16 (bf16's Policy.cosine_grad_dtype) rounds the loss's gradient with
+    respect to the cosine product, and nothing else: the loss is float32's exactly, and the
+    embeddings' and centres' gradients (its two products) differ from float32's by about
+    bfloat16's rounding, alike on 1 and 8 devices."""
+    emb, labels, centres = _problem(21, 8)
+    loss32, grads32 = _grads(emb, labels, centres, make_mesh(8))
+    loss16, grads16 = _grads(emb, labels, centres, make_mesh(8), grad_dtype=jnp.bfloat16)
+    one = _grads(emb, labels, centres, make_mesh(1), grad_dtype=jnp.bfloat16)
+    assert loss16 == loss32
+    for g16, g32, g1 in zip(grads16, grads32, one[1], strict=True):
+        assert 1e-5 < rel_err(g16, g32) < 2**-7  # bfloat16 keeps 8 significant bits
+        assert_close(g1, g16)
 
 
 def test_margin_values():

@@ -1,11 +1,16 @@
+from functools import partial
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxface.convert import fc_from_torch, fc_to_torch
+from jaxface.mesh import DATA_AXIS, make_mesh
 from jaxface.models import BACKBONES, get_model
-from jaxface.models.layers import BatchNorm, PReLU
+from jaxface.models.layers import BatchNorm, PReLU, strided_pointwise_conv
 from jaxface.precision import Policy
 
 # arcface_torch's trainable parameter counts (features.weight is frozen, so not counted)
@@ -149,6 +154,88 @@ def test_batchnorm_gradient_is_autodiff_of_the_two_pass_form(groups, dtype):
         assert a.dtype == b.dtype
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
     np.testing.assert_allclose(ours(x, scale, bias), reference(x, scale, bias), rtol=tol)
+
+
+@pytest.mark.parametrize("groups", [1, 2, DATA_AXIS])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batchnorm_then_prelu_in_one_function_has_autodiff_gradients(groups, dtype):
+    """PReLU given its BatchNorm (batch_norm_prelu_train, which recomputes the normalised
+    values in its backward pass) against the two layers one after the other, with slopes
+    positive, zero and negative; DATA_AXIS: BatchNorm over 2 devices' batches (sync BN).
+    bfloat16: the slope's gradient is summed in float32 here, in bfloat16 by autodiff."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(0.3, 2.0, (4, 3, 3, 6)), dtype)
+    dy = jnp.asarray(rng.normal(size=x.shape), dtype)
+    params = {
+        "bn": {"scale": jnp.asarray(rng.normal(1.0, 0.2, 6), jnp.float32),
+               "bias": jnp.asarray(rng.normal(0.0, 0.5, 6), jnp.float32)},
+        "prelu": {"slope": jnp.array([0.25, -0.3, 0.0, 0.6, 1.5, -2.0], jnp.float32)},
+    }  # fmt: skip
+
+    class Fused(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            bn = BatchNorm(num_groups=groups, dtype=dtype, name="bn")
+            return PReLU(dtype=dtype, name="prelu")(x, bn, True)
+
+    class Apart(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return PReLU(dtype=dtype, name="prelu")(
+                BatchNorm(num_groups=groups, dtype=dtype, name="bn")(x, True)
+            )
+
+    def loss(module, params, x, dy):
+        stats = {"bn": {"mean": jnp.full((6,), 0.3), "var": jnp.ones(6)}}
+        y, _ = module.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+
+    def value_and_grads(module):
+        """(loss, the parameters' gradients, x's gradient)."""
+        fn = jax.value_and_grad(partial(loss, module), argnums=(0, 1))
+        if groups != DATA_AXIS:
+            value, (g_params, g_x) = fn(params, x, dy)
+            return value, g_params, g_x
+
+        def on_device(p, xs, dys):
+            # Varying copies of the weights, as the train step makes: each device's share.
+            value, (g_params, g_x) = fn(jax.lax.pcast(p, DATA_AXIS, to="varying"), xs, dys)
+            return jax.lax.psum(value, DATA_AXIS), jax.lax.psum(g_params, DATA_AXIS), g_x
+
+        spec = P(DATA_AXIS)
+        return jax.shard_map(
+            on_device, mesh=make_mesh(2), in_specs=(P(), spec, spec), out_specs=(P(), P(), spec)
+        )(params, x, dy)
+
+    got_value, got_params, got_x = value_and_grads(Fused())
+    want_value, want_params, want_x = value_and_grads(Apart())
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(got_value, want_value, rtol=tol)
+    assert got_x.dtype == want_x.dtype == dtype
+    np.testing.assert_allclose(np.float32(got_x), np.float32(want_x), rtol=tol, atol=tol)
+    for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_strided_pointwise_conv_has_autodiff_gradients(size):
+    """The 1x1 strided convolution whose input gradient is formed on the strided grid: value
+    and gradients those of lax.conv_general_dilated (an odd size leaves the last row and
+    column out of the product)."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, size, size, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(1, 1, 4, 6)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(2, 4, 4, 6)), jnp.float32)
+    kw = dict(padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+
+    def loss(conv, x, w):
+        return jnp.sum(conv(x, w, (2, 2), **kw) * dy)
+
+    got = jax.value_and_grad(partial(loss, strided_pointwise_conv), argnums=(0, 1))(x, w)
+    want = jax.value_and_grad(partial(loss, jax.lax.conv_general_dilated), argnums=(0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert np.all(got[1][0][:, 1::2] == 0) and np.all(got[1][0][:, :, 1::2] == 0)
 
 
 def test_batchnorm_groups_are_independent_batches():

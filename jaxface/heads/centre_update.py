@@ -47,15 +47,21 @@ BATCH_CHUNK = 32
 NORM_CLAMP = 1e-24  # torch.nn.functional.normalize's eps (1e-12), squared
 
 
-def row_terms(dcos, cos, inv_norm, sum_sq):
-    """(s, c) of the module docstring (u = 1) for one device's rows. dcos, cos: [B, R]
-    float32 (the loss's gradient with respect to the cosines, the cosines before clipping);
-    inv_norm, sum_sq: [R]."""
-    # s as autodiff forms the cotangent of `x * inv_norm`, so that XLA forms it once, and c
-    # read from s (-a_j sum_b s_bj cos_bj) so that one pass over s does both reductions.
-    s = dcos * inv_norm
-    c = jnp.where(sum_sq > NORM_CLAMP, -inv_norm * jnp.sum(s * cos, axis=0), 0.0)
-    return s, c
+def row_terms(dcos, cos, inv_norm, sum_sq, dtype=jnp.float32):
+    """(s, c, finite) of the module docstring (u = 1) for one device's rows. dcos, cos:
+    [B, R] float32 (the loss's gradient with respect to the cosines, the cosines before
+    clipping); inv_norm, sum_sq: [R]. s is rounded to `dtype` (`Policy.cosine_grad_dtype`)
+    as `partial_fc.loss_on_device` rounds the same cotangent, and c is formed from the
+    rounded s, so that G_j stays orthogonal to W_j. `finite`: s is (an overflow or a NaN in
+    s makes a column sum of s * cos non-finite; taken there, the check reads nothing more)."""
+    # s as autodiff forms the cotangent of `x * inv_norm`, so that XLA forms it once. c is
+    # read from s as stored: formed beside a rounded s in one kernel, XLA wrote the float32
+    # dcos first (0.32 GB for r50 on one GPU); from memory it costs reads the write saves.
+    s = (dcos * inv_norm).astype(dtype)
+    stored = jax.lax.optimization_barrier(s)
+    column = jnp.sum(stored.astype(jnp.float32) * cos, axis=0)
+    c = jnp.where(sum_sq > NORM_CLAMP, -inv_norm * column, 0.0)
+    return s, c, jnp.all(jnp.isfinite(column))
 
 
 def hyper_vector(step_size, momentum, weight_decay, apply, unscale):
@@ -67,7 +73,7 @@ def hyper_vector(step_size, momentum, weight_decay, apply, unscale):
 def reference(s, emb, w, m, c, hyper, precision=None):
     """(new W, new m) with XLA ops; `hyper` from `hyper_vector`."""
     step_size, momentum, wd, apply, unscale = (hyper[k] for k in range(5))
-    g = unscale * (jnp.dot(s.T, emb, precision=precision) + c[:, None] * w)
+    g = unscale * (jnp.dot(s.T.astype(jnp.float32), emb, precision=precision) + c[:, None] * w)
     m_next = (g + wd * w) + momentum * m
     w_next = w + step_size * m_next
     keep = apply == 0
@@ -100,7 +106,7 @@ def _kernel(s_ref, emb_ref, w_ref, m_ref, c_ref, hyper_ref, w_out, m_out, *, pre
     def add_chunk(k, acc):
         part = pl.ds(k * chunk, chunk)
         return acc + jax.lax.dot_general(
-            s_ref[part, :],
+            s_ref[part, :].astype(jnp.float32),
             emb_ref[part, :],
             (((0,), (0,)), ((), ())),
             precision=precision,

@@ -119,6 +119,7 @@ def partial_fc_loss(
     num_local: int,
     mesh: Mesh,
     precision=jax.lax.Precision.HIGHEST,
+    grad_dtype=jnp.float32,
 ) -> jnp.ndarray:
     """Mean margin-softmax cross-entropy over the global batch (see partial_fc_loss_and_state
     for the per-sample losses and their running state).
@@ -139,6 +140,7 @@ def partial_fc_loss(
         num_local=num_local,
         mesh=mesh,
         precision=precision,
+        grad_dtype=grad_dtype,
     )
     return loss
 
@@ -156,12 +158,14 @@ def partial_fc_loss_and_state(
     precision=jax.lax.Precision.HIGHEST,
     loss_state: Any = None,
     key: jax.Array | None = None,
+    grad_dtype=jnp.float32,
 ) -> tuple[jnp.ndarray, Any]:
     """(loss, new loss state): `partial_fc_loss` for the combined margin or a per-sample
     loss (jaxface.heads.losses). `loss_state` is the loss's running state (replicated;
     None: its initial value) and `key` the step's key (losses that draw). The per-row
     quantities (norms, margins, statistics, the target cosine) are the global batch's,
     computed identically on every device; per-class work stays on the class's device.
+    `grad_dtype`: see loss_on_device.
     """
     per_sample = isinstance(margin, PerSampleLoss)
     if per_sample and loss_state is None:
@@ -176,6 +180,7 @@ def partial_fc_loss_and_state(
         num_classes=num_classes,
         num_local=num_local,
         precision=precision,
+        grad_dtype=grad_dtype,
     )
 
     return jax.shard_map(
@@ -200,6 +205,7 @@ def loss_on_device(
     num_local: int,
     precision=jax.lax.Precision.HIGHEST,
     cos_offset=None,
+    grad_dtype=jnp.float32,
 ):
     """`partial_fc_loss_and_state`'s body on one device inside a shard_map over DATA_AXIS:
     (loss, new loss state), both equal on every device. local_emb [B_local, E], local_rows
@@ -210,7 +216,11 @@ def loss_on_device(
     clipped, so that its gradient is the loss's gradient with respect to them
     (jaxface.heads.centre_update); then a third value is returned: (this device's
     normalised embeddings [B_local, E], the unclipped cosines, the rows' inverse norms and
-    squared norms), what the centres' update needs besides that gradient."""
+    squared norms), what the centres' update needs besides that gradient.
+
+    `grad_dtype`: the loss's gradient with respect to the cosine product (before the
+    centres' norms) is rounded to it (`Policy.cosine_grad_dtype`), so that XLA stores it so
+    for the two products that read it."""
     per_sample = isinstance(margin, PerSampleLoss)
     # [B_local, E] per device -> [B_global, E]; transposes to a reduce-scatter.
     emb = jax.lax.all_gather(local_emb.astype(jnp.float32), DATA_AXIS, tiled=True)
@@ -227,7 +237,7 @@ def loss_on_device(
     emb_sum_sq = jnp.sum(jnp.square(emb), axis=-1, keepdims=True)
     emb_norm = jnp.sqrt(jnp.maximum(emb_sum_sq, 1e-24))  # as _l2_normalize
     unit = emb / emb_norm
-    cos = jnp.dot(unit, rows32.T, precision=precision) * inv_norm
+    cos = _cotangent_in(jnp.dot(unit, rows32.T, precision=precision), grad_dtype) * inv_norm
     if cos_offset is not None:
         unclipped = cos
         cos = cos + cos_offset
@@ -276,6 +286,23 @@ def loss_on_device(
     if cos_offset is not None:
         return -jnp.mean(log_prob) + extra, state, parts
     return -jnp.mean(log_prob) + extra, state
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _cotangent_in(x, dtype):
+    """x, whose cotangent is rounded to `dtype` (and carried on in x's dtype)."""
+    return x
+
+
+def _cotangent_in_fwd(x, dtype):
+    return x, None
+
+
+def _cotangent_in_bwd(dtype, _, g):
+    return (g.astype(dtype).astype(g.dtype),)
+
+
+_cotangent_in.defvjp(_cotangent_in_fwd, _cotangent_in_bwd)
 
 
 def _from_first_device(x):

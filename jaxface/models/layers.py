@@ -245,7 +245,8 @@ def strided_pointwise_conv(lhs, rhs, window_strides, padding, **kwargs):
     shortcut, NHWC), with the input's gradient formed on the strided grid and spread over
     the full one by a padding that XLA fuses into its consumer. Autodiff's strided
     backward-data convolution made cuDNN write the full-resolution array, three quarters
-    zeros: 0.2 GB per step for r50 on an H200 (docs/gpu.md). The same values either way."""
+    zeros: 0.2 GB per step for r50 on an H200 (docs/gpu.md). The same values either way.
+    NHWC input and HWIO kernel, as flax's Conv passes them."""
     conv = partial(jax.lax.conv_general_dilated, padding=padding, **kwargs)
 
     @jax.custom_vjp
@@ -257,10 +258,9 @@ def strided_pointwise_conv(lhs, rhs, window_strides, padding, **kwargs):
 
     def bwd(res, g):
         x, w = res
-        # The strided input is only the point the (linear) product is taken at: XLA drops it.
-        strided = x[(slice(None), *(slice(None, None, k) for k in window_strides))]
-        ones = (1,) * len(window_strides)
-        (dx,) = jax.vjp(lambda v: conv(v, w, ones), strided)[1](g)
+        # On the strided grid the 1x1 convolution is a product over the channels: a GEMM,
+        # which reads the kernel as it is held (a convolution wanted it transposed).
+        dx = jnp.einsum("...o,io->...i", g, w[0, 0], precision=kwargs.get("precision"))
         pads = [(0, 0, 0)]
         for full, part, step in zip(x.shape[1:-1], g.shape[1:-1], window_strides, strict=True):
             pads.append((0, full - (part - 1) * step - 1, step - 1))
