@@ -8,7 +8,7 @@ backward pass produces them, as PyTorch DDP's buckets), each bucket is summed ac
 as one buffer, which XLA starts as soon as the bucket's last gradient exists, and the summed
 buckets are viewed as leaves again, which the fused optimizer concatenates
 (`jaxface.fused_sgd`): XLA folds those slices and concatenations into the update's own
-kernels, so r50's 8-device step has 19 kernels more than its 1-device step, not 635.
+kernels, so r50's 8-device step has 18 kernels more than its 1-device step, not 635.
 """
 
 from __future__ import annotations
