@@ -148,8 +148,8 @@ def test_batchnorm_gradient_is_autodiff_of_the_two_pass_form(groups, dtype):
         return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
 
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    got = jax.grad(ours, argnums=(0, 1, 2))(x, scale, bias)
-    want = jax.grad(reference, argnums=(0, 1, 2))(x, scale, bias)
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, scale, bias)
+    want = jax.jit(jax.grad(reference, argnums=(0, 1, 2)))(x, scale, bias)
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
@@ -194,7 +194,7 @@ def test_batchnorm_then_prelu_in_one_function_has_autodiff_gradients(groups, dty
         """(loss, the parameters' gradients, x's gradient)."""
         fn = jax.value_and_grad(partial(loss, module), argnums=(0, 1))
         if groups != DATA_AXIS:
-            value, (g_params, g_x) = fn(params, x, dy)
+            value, (g_params, g_x) = jax.jit(fn)(params, x, dy)
             return value, g_params, g_x
 
         def on_device(p, xs, dys):
@@ -203,8 +203,13 @@ def test_batchnorm_then_prelu_in_one_function_has_autodiff_gradients(groups, dty
             return jax.lax.psum(value, DATA_AXIS), jax.lax.psum(g_params, DATA_AXIS), g_x
 
         spec = P(DATA_AXIS)
-        return jax.shard_map(
-            on_device, mesh=make_mesh(2), in_specs=(P(), spec, spec), out_specs=(P(), P(), spec)
+        return jax.jit(
+            jax.shard_map(
+                on_device,
+                mesh=make_mesh(2),
+                in_specs=(P(), spec, spec),
+                out_specs=(P(), P(), spec),
+            )
         )(params, x, dy)
 
     got_value, got_params, got_x = value_and_grads(Fused())
